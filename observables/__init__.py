@@ -1,0 +1,5 @@
+"""Likelihoods: pure JAX forward models of experimental data (never imports torch, predictors or guidance)."""
+
+from observables.base import AtomInfo, Observable, available, build, register
+
+__all__ = ["AtomInfo", "Observable", "available", "build", "register"]
