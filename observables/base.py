@@ -109,3 +109,4 @@ def build(name: str, atoms: AtomInfo, **config) -> Observable:
 
 def _load_builtin() -> None:
     import observables.density  # noqa: F401  (registers "density")
+    import observables.linear  # noqa: F401  (registers "linear_gaussian")
