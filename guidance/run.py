@@ -1,0 +1,437 @@
+"""``ensemble-guide``: the Hydra app that runs guided ensemble sampling (``mode=sample``) or scores a structure
+against data (``mode=score``), writing the outputs of DESIGN.md into Hydra's run directory:
+
+    ensemble.cif      multi-model mmCIF, one model per member, member weights recorded
+    metrics.json      observables / ensemble / geometry / reference / sampling / runtime_s / config
+    trajectory.csv    step, sigma, log-likelihood per observable, ESS/P
+    particles.npz     every FK particle and its weight
+    plots/*.png       log-likelihood and ESS vs step, a map slice with the model density, member weights
+    run.log           the log; Hydra's saved config is in .hydra/
+
+With no arguments it runs the embedded demo: a two-state peptide, a synthetic 2 A map of its 0.6/0.4 mixture and a
+prior biased 0.9/0.1 towards state A.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("ensemble_guide")
+
+
+def _config_dir() -> str:
+    """The config tree: package data in an installed wheel, the checkout's top-level configs/ otherwise."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "configs", here.parent / "configs"):
+        if (candidate / "run.yaml").is_file():
+            return str(candidate)
+    raise FileNotFoundError(f"ensemble-guide: cannot find its Hydra configs next to {here}")
+
+
+class UserError(Exception):
+    """A problem with the user's input, reported as one line."""
+
+
+# ----------------------------------------------------------------------------------------------- small I/O helpers
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_trajectory(path: Path, rows: list[dict]) -> Path:
+    keys: list[str] = []
+    for row in rows:
+        keys.extend(k for k in row if k not in keys)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys, restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    return atomic_write_text(path, buf.getvalue())
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, (np.floating, float)):
+        return float(obj) if math.isfinite(float(obj)) else None
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.bool_,)):
+        return bool(obj)
+    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", 1) == 0:
+        return _jsonable(obj.item())
+    return obj
+
+
+# ----------------------------------------------------------------------------------------------- building blocks
+
+
+def prepare_demo(cfg, out_dir: Path) -> tuple[Path, Path]:
+    """Generate the embedded two-state case: the altloc structure and a synthetic map of the mixture."""
+    from guidance.demo import build_two_state_peptide, write_two_state_structure
+    from observables.base import AtomInfo
+    from observables.density import synthetic_map, write_ccp4
+
+    occ = [float(v) for v in cfg.demo.occupancies]
+    pep = build_two_state_peptide()
+    inputs = out_dir / "inputs"
+    structure = write_two_state_structure(inputs / "two_state.pdb", pep, occupancies=tuple(occ))
+    atoms = AtomInfo.from_layout(pep.layout)
+    dmap = synthetic_map(atoms, np.stack([pep.coords_a, pep.coords_b]), occ, resolution=float(cfg.demo.resolution))
+    map_path = write_ccp4(inputs / f"two_state_{cfg.demo.resolution}A.ccp4", dmap)
+    log.info("demo: %d-residue peptide, loop %s-%s in two states, map of the %.1f/%.1f mixture at %.1f A -> %s",
+             len(pep.sequence), pep.loop[0], pep.loop[1], occ[0], occ[1], cfg.demo.resolution, inputs)
+    return Path(structure), Path(map_path)
+
+
+def build_predictor(pcfg, conf):
+    """The prior named by ``predictor.name``, built for the input structure ``conf``."""
+    name = pcfg.name
+    if name == "reference":
+        from predictors.reference import ReferencePrior
+
+        ids = list(conf.ids)
+        chosen = list(pcfg.conformers) if pcfg.get("conformers") else ids
+        unknown = [c for c in chosen if str(c) not in ids]
+        if unknown:
+            raise UserError(f"predictor.conformers {unknown} not in the structure's conformers {ids}")
+        idx = [ids.index(str(c)) for c in chosen]
+        if pcfg.get("weights"):
+            wmap = {str(k): float(v) for k, v in dict(pcfg.weights).items()}
+            missing = [ids[i] for i in idx if ids[i] not in wmap]
+            if missing:
+                raise UserError(f"predictor.weights gives no weight for conformer(s) {missing}")
+            weights = np.array([wmap[ids[i]] for i in idx])
+        else:
+            weights = np.asarray(conf.weights)[idx]
+        log.info("reference prior: conformers %s with weights %s, tau %.2f A, %d ANM modes",
+                 [ids[i] for i in idx], np.round(weights / weights.sum(), 3).tolist(), pcfg.tau, pcfg.n_modes)
+        return ReferencePrior(conf.layout, conf.coords[idx], weights, tau=float(pcfg.tau), n_modes=int(pcfg.n_modes),
+                              mode_rms=float(pcfg.mode_rms), anm_cutoff=float(pcfg.anm_cutoff))
+    raise UserError(f"unknown predictor {name!r}; available: reference")
+
+
+def build_objective(cfg, predictor, conf, ref_coords, demo_map: Path | None):
+    """The observables selected in ``cfg.observables``, built on the predictor's atoms."""
+    import observables
+    from guidance.objective import Objective, Term
+    from observables.base import AtomInfo
+
+    atoms = AtomInfo.from_layout(predictor.layout, coords=ref_coords)
+    terms = []
+    for name, ocfg in (cfg.observables or {}).items():
+        params = {k: v for k, v in dict(ocfg).items() if k != "weight"}
+        if name == "density" and params.get("map") is None:
+            if demo_map is None:
+                raise UserError("observables.density.map is required: give a CCP4/MRC/MTZ file")
+            params["map"] = demo_map
+        for k, v in list(params.items()):
+            if hasattr(v, "items") or (hasattr(v, "__iter__") and not isinstance(v, str)):
+                from omegaconf import OmegaConf
+
+                params[k] = OmegaConf.to_container(v) if not isinstance(v, (list, dict)) else v
+        try:
+            obs = observables.build(name, atoms, **params)
+        except (KeyError, TypeError) as exc:
+            raise UserError(f"observable {name!r}: {exc}") from exc
+        terms.append(Term(name, obs, float(ocfg.get("weight", 1.0))))
+        log.info("observable %s (weight %.3g): %s", name, float(ocfg.get("weight", 1.0)),
+                 {k: (str(v) if isinstance(v, Path) else v) for k, v in params.items()})
+    if not terms:
+        raise UserError("no observables selected: use e.g. observables=[density]")
+    return terms
+
+
+def _schedule(predictor, scfg):
+    overrides = {k: float(scfg[k]) for k in ("sigma_max", "sigma_min", "rho", "gamma_0", "gamma_min", "noise_scale",
+                                             "step_scale") if scfg.get(k) is not None}
+    return predictor.schedule.replace(**overrides) if overrides else predictor.schedule
+
+
+def _guidance_objects(gcfg, n_steps):
+    from guidance.dps import DPS, Strength
+    from guidance.fk import FK
+
+    method = gcfg.method
+    if method not in ("none", "dps", "fk"):
+        raise UserError(f"unknown guidance method {method!r}; use guidance=none, dps or fk")
+    dps = fk = None
+    if method in ("dps", "fk") and gcfg.get("dps") is not None and float(gcfg.dps.strength) > 0:
+        d = gcfg.dps
+        dps = DPS(strength=Strength(float(d.strength), d.schedule, float(d.start), float(d.end)), gradient=d.gradient,
+                  scale=d.scale, max_step=float(d.max_step), inner_steps=int(d.inner_steps), inner_lr=float(d.inner_lr))
+    if method == "fk":
+        f = gcfg.fk
+        fk = FK(particles=int(gcfg.particles), potential=f.potential, lam=float(f.lam), resampling=f.resampling,
+                ess_threshold=float(f.ess_threshold), resample_every=int(f.resample_every),
+                twist_sigma=None if f.twist_sigma is None else float(f.twist_sigma),
+                correct_proposal=bool(f.correct_proposal))
+    return dps, fk
+
+
+def reference_block(layout, members, member_weights, truth) -> dict:
+    """metrics.json:reference — per altloc of the truth: best member RMSD and assigned fraction over the altloc region."""
+    from guidance.metrics import altloc_assignment
+    from guidance.structure import match_layouts
+
+    match = match_layouts(truth.layout, layout)
+    region = np.zeros(len(layout), bool)
+    region[match.dst_index] = truth.varying[match.src_index]
+    if not region.any():
+        return {}
+    refs = np.full((len(truth.ids), len(layout), 3), np.nan, np.float32)
+    refs[:, match.dst_index] = truth.coords[:, match.src_index]
+    keep = np.zeros(len(layout), bool)
+    keep[match.dst_index] = True
+    assignment = altloc_assignment(members[:, keep], member_weights, refs[:, keep], list(truth.ids), region[keep])
+    return {"altlocs": assignment, "region_atoms": int(region.sum()),
+            "true_weights": dict(zip(truth.ids, np.round(truth.weights, 4).tolist()))}
+
+
+# ----------------------------------------------------------------------------------------------- the two modes
+
+
+def run(cfg, out_dir: Path) -> dict:
+    import torch
+    from tqdm.auto import tqdm
+
+    from guidance import fk as fk_mod
+    from guidance.report import plot_map_slice, plot_trajectory, plot_weights
+    from guidance.sampler import initial_noise, plan
+    from guidance.structure import read_structure, write_ensemble_cif
+    from guidance.metrics import geometry_report
+    from guidance.weights import refine_weights
+
+    t0 = time.perf_counter()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    demo_map = None
+    structure = cfg.structure
+    if structure is None:
+        structure, demo_map = prepare_demo(cfg, out_dir)
+        if cfg.predictor.name == "reference" and not cfg.predictor.get("weights"):
+            from omegaconf import open_dict
+
+            with open_dict(cfg):
+                cfg.predictor.weights = dict(cfg.demo.prior_weights)
+    conf = read_structure(structure)
+    log.info("structure %s: %d atoms, %d conformer(s) %s (%s), weights %s", structure, len(conf.layout),
+             len(conf.ids), list(conf.ids), conf.kind, np.round(conf.weights, 3).tolist())
+    truth = read_structure(cfg.reference) if cfg.get("reference") else (conf if len(conf.ids) > 1 else None)
+
+    if cfg.mode == "score":
+        terms = build_objective(cfg, _LayoutOnly(conf.layout), conf, conf.coords, demo_map)
+        from guidance.objective import Objective
+
+        objective = Objective(terms, n_members=len(conf.ids), member_weights=conf.weights)
+        members, mweights = conf.coords, np.asarray(conf.weights)
+        metrics = {"observables": objective.reports(members, mweights),
+                   "ensemble": {"size": len(conf.ids), "weights": mweights, "ids": list(conf.ids)},
+                   "geometry": geometry_report(conf.layout, members)}
+        if cfg.get("reference"):
+            metrics["reference"] = reference_block(conf.layout, members, mweights, truth)
+        metrics["runtime_s"] = time.perf_counter() - t0
+        return metrics
+
+    if cfg.mode != "sample":
+        raise UserError(f"unknown mode {cfg.mode!r}; use mode=sample or mode=score")
+
+    predictor = build_predictor(cfg.predictor, conf)
+    from guidance.structure import match_layouts
+
+    match = match_layouts(conf.layout, predictor.layout)
+    if match.missing_in_src:
+        log.warning("%d predictor atoms are not in the structure (e.g. %s)", len(match.missing_in_src), match.missing_in_src[:3])
+    ref_coords = np.full((len(conf.ids), len(predictor.layout), 3), np.nan, np.float32)
+    ref_coords[:, match.dst_index] = conf.coords[:, match.src_index]
+    terms = build_objective(cfg, predictor, conf, np.nan_to_num(ref_coords), demo_map)
+
+    scfg, gcfg = cfg.sampler, cfg.guidance
+    schedule = _schedule(predictor, scfg)
+    n_steps, e = int(scfg.steps), int(cfg.ensemble_size)
+    if e < 1:
+        raise UserError("ensemble_size must be >= 1")
+    dps, fk = _guidance_objects(gcfg, n_steps)
+    p = int(gcfg.particles) if gcfg.method == "fk" else int(gcfg.get("particles", 1))
+    augmentation = bool(getattr(predictor, "needs_augmentation", False)) if scfg.augmentation == "auto" else bool(scfg.augmentation)
+    align_to_input = bool(getattr(predictor, "needs_alignment", False))
+
+    from guidance.objective import Objective
+
+    ref_frame = torch.as_tensor(np.nan_to_num(ref_coords[0])) if align_to_input else None
+    objective = Objective(terms, n_members=e, reference=ref_frame, align=align_to_input)
+    steps = plan(schedule, n_steps, start_step=int(scfg.start_step))
+    gen = torch.Generator().manual_seed(int(cfg.seed))
+    torch.manual_seed(int(cfg.seed))
+    n_atoms = len(predictor.layout)
+    if steps[0].index == 0:
+        x = initial_noise((p * e, n_atoms, 3), steps[0].sigma, gen)
+    else:  # partial diffusion: start from the input's conformers (cycled over members), noised to the start level
+        start = torch.as_tensor(np.nan_to_num(ref_coords))[torch.arange(p * e) % len(conf.ids)]
+        x = start + initial_noise(start.shape, steps[0].sigma, gen)
+    log.info("sampling: guidance=%s, %d particle(s) x %d member(s), %d steps from sigma %.3g A, solver %s",
+             gcfg.method, p, e, len(steps), steps[0].sigma, scfg.solver)
+
+    rows: list[dict] = []
+    traj_path = out_dir / "trajectory.csv"
+
+    def on_step(info):
+        rows.append(info["row"])
+        if len(rows) % 10 == 0:
+            write_trajectory(traj_path, rows)
+
+    bar = lambda it: tqdm(it, desc=f"{gcfg.method} sampling", unit="step", file=sys.stderr, leave=False)  # noqa: E731
+    use_objective = objective if gcfg.method != "none" else None
+    try:
+        result = fk_mod.steer(predictor.denoise, x, steps, schedule, gen, n_particles=p, n_members=e,
+                              objective=use_objective, dps=dps, fk=fk, n_steps_total=n_steps,
+                              augmentation=augmentation, solver=scfg.solver, align=bool(scfg.align),
+                              progress=bar, callback=on_step)
+    except KeyboardInterrupt:
+        write_trajectory(traj_path, rows)
+        raise UserError(f"interrupted after {len(rows)} steps; the trajectory so far is in {traj_path}")
+    write_trajectory(traj_path, result.trajectory)
+
+    particles = result.particles.detach().cpu().numpy()
+    if not np.isfinite(particles).all():
+        raise RuntimeError("sampling produced non-finite coordinates; nothing written")
+    final_ll = result.final_log_likelihood
+    if final_ll is None:
+        final_ll, _ = objective.value(result.particles.reshape(p * e, n_atoms, 3))
+    pw = result.weights.detach().cpu().numpy()
+    best = int(np.argmax(pw))
+    members = particles[best]
+    uniform = np.full(e, 1.0 / e)
+    fit = None
+    if cfg.weights.refine:
+        fit = refine_weights(objective.ensemble_log_likelihood(), members, uniform, steps=int(cfg.weights.steps),
+                             learning_rate=float(cfg.weights.learning_rate), entropy=float(cfg.weights.entropy))
+        mweights = np.asarray(fit.weights)
+        log.info("member weights refined: log-likelihood %.3f -> %.3f, weights %s", fit.log_likelihood_before,
+                 fit.log_likelihood_after, np.round(mweights, 3).tolist())
+    else:
+        mweights = uniform
+
+    metrics: dict = {
+        "observables": objective.reports(members, mweights),
+        "observables_before_weight_refinement": objective.reports(members, uniform),
+        "ensemble": {"size": e, "weights": mweights, "particle": best},
+        "geometry": geometry_report(predictor.layout, members),
+        "sampling": {
+            "guidance": gcfg.method, "particles": p, "steps": len(steps), "particle_weights": pw,
+            "particle_log_likelihood": final_ll.detach().cpu().numpy() if hasattr(final_ll, "detach") else final_ll,
+            "ess_final": fk_mod.ess(result.log_weights) if fk is not None else None,
+            "resampled_at": result.resampled_at, "uncorrected_drift_steps": result.uncorrected_drift_steps,
+            "skipped_guidance_steps": result.skipped_guidance_steps,
+        },
+    }
+    if truth is not None:
+        metrics["reference"] = reference_block(predictor.layout, members, mweights, truth)
+
+    write_ensemble_cif(out_dir / "ensemble.cif", predictor.layout, members, mweights,
+                       metadata={"guidance": gcfg.method, "seed": int(cfg.seed)})
+    if cfg.output.particles:
+        tmp = out_dir / ".particles.tmp.npz"
+        np.savez_compressed(tmp, particles=particles, weights=pw)
+        os.replace(tmp, out_dir / "particles.npz")
+    if cfg.output.plots:
+        plots = out_dir / "plots"
+        plot_trajectory(result.trajectory, plots / "trajectory.png")
+        if fit is not None:
+            plot_weights(uniform, mweights, plots / "weights.png")
+        for t in objective.terms:
+            if t.name == "density":
+                obs = t.observable
+                model = np.asarray(obs.predict(members, mweights))
+                plot_map_slice(obs.grid.values, model, obs.grid.origin, obs.grid.spacing, plots / "map_slice.png",
+                               atoms_xyz=members.reshape(-1, 3), title="map (grey) and ensemble density (contours)")
+    metrics["runtime_s"] = time.perf_counter() - t0
+    return metrics
+
+
+class _LayoutOnly:
+    def __init__(self, layout):
+        self.layout = layout
+
+
+# ----------------------------------------------------------------------------------------------- entry point
+
+
+def _app(cfg) -> int:
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        metrics = run(cfg, out_dir)
+    except UserError as exc:
+        log.error("%s", exc)
+        return 1
+    except Exception as exc:  # bad files, bad maps, bad values: one line for the user, the traceback in run.log
+        from guidance.structure import StructureError
+
+        known = (StructureError, FileNotFoundError, ValueError, KeyError)
+        try:
+            from observables.density import MapError
+
+            known = known + (MapError,)
+        except ImportError:
+            pass
+        if isinstance(exc, known):
+            log.debug("details", exc_info=True)
+            log.error("%s: %s", type(exc).__name__, exc)
+            return 1
+        raise
+    metrics["config"] = OmegaConf.to_container(cfg, resolve=True)
+    atomic_write_text(out_dir / "metrics.json", json.dumps(_jsonable(metrics), indent=2))
+    summary = {name: {k: v for k, v in rep.items() if k in ("rscc", "cc_box", "chi2", "q_factor")}
+               for name, rep in metrics["observables"].items()}
+    ref = metrics.get("reference", {}).get("altlocs", {})
+    log.info("done in %.1f s: %s%s -> %s", metrics["runtime_s"], summary,
+             "; assigned fractions " + str({k: round(v["assigned_fraction"], 3) for k, v in ref.items()}) if ref else "",
+             out_dir)
+    return 0
+
+
+def main() -> None:
+    import hydra
+
+    os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=true")
+    status = {"code": 0}
+
+    @hydra.main(version_base="1.3", config_path=_config_dir(), config_name="run")
+    def entry(cfg) -> None:
+        status["code"] = _app(cfg)
+
+    entry()
+    sys.exit(status["code"])
+
+
+if __name__ == "__main__":
+    main()
