@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 
 def ess(log_weights: torch.Tensor) -> float:
     """Effective sample size (sum w)^2 / sum w^2 of unnormalised log weights."""
+    if bool(torch.isneginf(log_weights).all()):
+        return 0.0
     w = torch.softmax(log_weights.double(), 0)
     return float(1.0 / (w * w).sum())
 
@@ -171,12 +173,10 @@ def steer(
 
     for step in iterator:
         x_prev = state.x
-        if augmentation:
-            both = torch.cat([x_prev, x_prev - state.drift]) if state.drift is not None else x_prev
-            both = augment(both, generator)
-            x_prev = both[: p * e]
+        if augmentation:  # a rigid motion of each structure; the drift (a displacement) turns with it
+            x_prev, rot = augment(x_prev, generator, return_rotation=True)
             if state.drift is not None:
-                state.drift = x_prev - both[p * e :]
+                state.drift = torch.einsum("bij,bnj->bni", rot, state.drift)
         x_hat, eps = churn(x_prev, step, generator)
 
         # proposal correction for the drift that moved x_prev away from the unguided transition's mean
@@ -226,7 +226,7 @@ def steer(
                 else:
                     state.potential = state.potential + r
                     log_g = state.potential
-                state.log_weights = state.log_weights + torch.nan_to_num(log_g, nan=-math.inf)
+                state.log_weights = _add_log(state.log_weights, log_g)
 
         # DPS
         drift = None
@@ -279,13 +279,27 @@ def steer(
         if fk is not None and fk.potential == "difference":
             r = lam * total.double()
             r = torch.where(torch.isfinite(r), r, torch.full_like(r, -math.inf))
-            state.log_weights = state.log_weights + (r - state.potential)
+            state.log_weights = _add_log(state.log_weights, r - state.potential, dead=~torch.isfinite(r))
+    if state.drift is not None and bool(state.drift.abs().sum() > 0):
+        result.uncorrected_drift_steps += 1  # the last step's drift: no noise follows it
     result.particles = state.x.reshape(p, e, *state.x.shape[1:])
     result.log_weights = state.log_weights
-    result.weights = torch.softmax(state.log_weights, 0)
-    if not torch.isfinite(result.weights).all():
-        result.weights = torch.full_like(result.weights, 1.0 / p)
+    if bool(torch.isneginf(state.log_weights).all()):
+        log.warning("every particle has zero weight (non-finite likelihood); returning uniform weights")
+        result.weights = torch.full_like(state.log_weights, 1.0 / p)
+    else:
+        result.weights = torch.softmax(state.log_weights, 0)
     return result
+
+
+def _add_log(log_weights: torch.Tensor, increment: torch.Tensor, dead: torch.Tensor | None = None) -> torch.Tensor:
+    """log_weights + increment, where a particle already at -inf, a NaN increment (inf - inf) or a ``dead``
+    particle stays at -inf (zero weight) instead of turning the whole weight vector into NaN."""
+    out = log_weights + increment
+    kill = torch.isneginf(log_weights) | torch.isnan(out) | torch.isneginf(increment)
+    if dead is not None:
+        kill = kill | dead
+    return torch.where(kill, torch.full_like(out, -math.inf), out)
 
 
 def _weighted_mean(v: torch.Tensor, log_weights: torch.Tensor) -> float:

@@ -119,12 +119,15 @@ def random_rotations(n: int, generator: torch.Generator, *, dtype=torch.float32,
     return rot.to(dtype=dtype, device=device)
 
 
-def augment(x: torch.Tensor, generator: torch.Generator, *, translation_std: float = 1.0) -> torch.Tensor:
-    """Centre each structure, rotate it uniformly at random and translate by N(0, translation_std^2) (AF3 Alg. 19)."""
+def augment(x: torch.Tensor, generator: torch.Generator, *, translation_std: float = 1.0,
+            return_rotation: bool = False):
+    """Centre each structure, rotate it uniformly at random and translate by N(0, translation_std^2) (AF3 Alg. 19).
+    With ``return_rotation`` also return the rotations [B, 3, 3] (so that displacements can be rotated alike)."""
     x = x - x.mean(dim=-2, keepdim=True)
     rot = random_rotations(x.shape[0], generator, dtype=x.dtype, device=x.device)
     shift = translation_std * torch.randn(x.shape[0], 1, 3, generator=generator, dtype=x.dtype, device=x.device)
-    return torch.einsum("bij,bnj->bni", rot, x) + shift
+    out = torch.einsum("bij,bnj->bni", rot, x) + shift
+    return (out, rot) if return_rotation else out
 
 
 def kabsch_align(mobile: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:

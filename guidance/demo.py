@@ -1,0 +1,297 @@
+"""The embedded two-state test case: a helix-loop-helix peptide whose loop has two conformations.
+
+Nothing is downloaded.  The peptide is built from backbone torsions (phi, psi, omega) and side-chain chi angles
+with ideal bond lengths and angles by NeRF, the natural extension reference frame (Parsons, Holmes, Rojas, Tsai &
+Strauss 2005, J. Comput. Chem. 26:1063-1068): each new atom is placed from the three atoms before it, a bond
+length, a bond angle and a torsion.  Ideal values are Engh & Huber (1991), Acta Cryst. A47:392-400 (Table 3,
+bond lengths in A, angles in degrees).
+
+State A is the built peptide.  State B differs from A only in the loop: the loop is turned rigidly (a "crankshaft"
+or backrub-like move, Davis et al. 2006, Structure 14:265) about the axis through the CA atoms of the two residues
+flanking it.  The atoms that turn are those strictly between the two pivot CAs along the chain: C and O of the
+first pivot residue, every atom of the loop residues, and N of the second pivot residue.  This keeps every bond
+length exact (the pivot CAs lie on the axis); only the bond angles at the two pivot CAs change.  ``loop_mask``
+marks exactly the atoms that move.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from predictors.base import AtomLayout
+
+__all__ = [
+    "TwoStatePeptide",
+    "build_two_state_peptide",
+    "write_two_state_structure",
+    "build_peptide",
+    "DEFAULT_SEQUENCE",
+    "DEFAULT_LOOP",
+    "DEFAULT_SWING_DEG",
+    "ENGH_HUBER_BACKBONE",
+]
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ideal geometry, Engh & Huber (1991) Table 3.  Lengths in A, angles in degrees.
+# Backbone of non-glycine residues (N-CH1E, CH1E-C, C-NH1, C-O; angles N-CH1E-C, CH1E-C-NH1, C-NH1-CH1E, CH1E-C-O).
+ENGH_HUBER_BACKBONE = {
+    "N-CA": 1.458, "CA-C": 1.525, "C-N": 1.329, "C-O": 1.231,
+    "N-CA-C": 111.2, "CA-C-N": 116.2, "C-N-CA": 121.7, "CA-C-O": 120.1,
+}
+# Glycine (N-CH2G, CH2G-C, N-CH2G-C, CH2G-C-NH1, C-NH1-CH2G, CH2G-C-O).
+ENGH_HUBER_GLYCINE = {
+    "N-CA": 1.451, "CA-C": 1.516, "C-N": 1.329, "C-O": 1.231,
+    "N-CA-C": 112.5, "CA-C-N": 116.4, "C-N-CA": 120.6, "CA-C-O": 120.8,
+}
+# CB: (CA-CB length, N-CA-CB angle, C-CA-CB angle) for CH1E-CH3E (Ala), CH1E-CH1E (beta-branched Val/Ile/Thr)
+# and CH1E-CH2E (the rest).
+_CB_ALA = (1.521, 110.4, 110.5)
+_CB_BRANCHED = (1.540, 111.5, 109.1)
+_CB_DEFAULT = (1.530, 110.5, 110.1)
+
+# Side-chain heavy atoms after CB: (atom, element, three reference atoms, bond, angle, chi index, torsion offset).
+# The torsion placing the atom about the bond (ref2 -> ref3) is ``chi[chi_index] + offset`` (chi_index None:
+# the offset alone).  Lengths/angles are Engh & Huber (1991) values for the corresponding atom types; the offsets
+# of branch atoms (Val CG2, Thr CG2, Ile CG2, Leu CD2) follow the IUPAC naming seen in deposited structures.
+_SIDE_CHAINS: dict[str, list[tuple]] = {
+    "GLY": [],
+    "ALA": [],
+    "SER": [("OG", "O", ("N", "CA", "CB"), 1.417, 111.1, 0, 0.0)],
+    "CYS": [("SG", "S", ("N", "CA", "CB"), 1.808, 114.4, 0, 0.0)],
+    "VAL": [("CG1", "C", ("N", "CA", "CB"), 1.521, 110.5, 0, 0.0),
+            ("CG2", "C", ("N", "CA", "CB"), 1.521, 110.5, 0, 122.5)],
+    "THR": [("OG1", "O", ("N", "CA", "CB"), 1.433, 109.6, 0, 0.0),
+            ("CG2", "C", ("N", "CA", "CB"), 1.521, 110.5, 0, -120.0)],
+    "ILE": [("CG1", "C", ("N", "CA", "CB"), 1.530, 110.4, 0, 0.0),
+            ("CG2", "C", ("N", "CA", "CB"), 1.521, 110.5, 0, -124.5),
+            ("CD1", "C", ("CA", "CB", "CG1"), 1.513, 113.8, 1, 0.0)],
+    "LEU": [("CG", "C", ("N", "CA", "CB"), 1.530, 116.3, 0, 0.0),
+            ("CD1", "C", ("CA", "CB", "CG"), 1.521, 110.7, 1, 0.0),
+            ("CD2", "C", ("CA", "CB", "CG"), 1.521, 110.7, 1, 122.6)],
+    "MET": [("CG", "C", ("N", "CA", "CB"), 1.520, 114.1, 0, 0.0),
+            ("SD", "S", ("CA", "CB", "CG"), 1.803, 112.7, 1, 0.0),
+            ("CE", "C", ("CB", "CG", "SD"), 1.791, 100.9, 2, 0.0)],
+    "PHE": [("CG", "C", ("N", "CA", "CB"), 1.502, 113.8, 0, 0.0),
+            ("CD1", "C", ("CA", "CB", "CG"), 1.384, 120.7, 1, 0.0),
+            ("CD2", "C", ("CA", "CB", "CG"), 1.384, 120.7, 1, 180.0),
+            ("CE1", "C", ("CB", "CG", "CD1"), 1.382, 120.7, None, 180.0),
+            ("CE2", "C", ("CB", "CG", "CD2"), 1.382, 120.7, None, 180.0),
+            ("CZ", "C", ("CG", "CD1", "CE1"), 1.382, 120.0, None, 0.0)],
+    "TYR": [("CG", "C", ("N", "CA", "CB"), 1.512, 113.9, 0, 0.0),
+            ("CD1", "C", ("CA", "CB", "CG"), 1.389, 120.8, 1, 0.0),
+            ("CD2", "C", ("CA", "CB", "CG"), 1.389, 120.8, 1, 180.0),
+            ("CE1", "C", ("CB", "CG", "CD1"), 1.382, 121.2, None, 180.0),
+            ("CE2", "C", ("CB", "CG", "CD2"), 1.382, 121.2, None, 180.0),
+            ("CZ", "C", ("CG", "CD1", "CE1"), 1.378, 119.6, None, 0.0),
+            ("OH", "O", ("CD1", "CE1", "CZ"), 1.376, 119.9, None, 180.0)],
+    "ASN": [("CG", "C", ("N", "CA", "CB"), 1.516, 112.6, 0, 0.0),
+            ("OD1", "O", ("CA", "CB", "CG"), 1.231, 120.8, 1, 0.0),
+            ("ND2", "N", ("CA", "CB", "CG"), 1.328, 116.4, 1, 180.0)],
+    "ASP": [("CG", "C", ("N", "CA", "CB"), 1.516, 112.6, 0, 0.0),
+            ("OD1", "O", ("CA", "CB", "CG"), 1.249, 118.4, 1, 0.0),
+            ("OD2", "O", ("CA", "CB", "CG"), 1.249, 118.4, 1, 180.0)],
+    "GLN": [("CG", "C", ("N", "CA", "CB"), 1.520, 114.1, 0, 0.0),
+            ("CD", "C", ("CA", "CB", "CG"), 1.516, 112.6, 1, 0.0),
+            ("OE1", "O", ("CB", "CG", "CD"), 1.231, 120.8, 2, 0.0),
+            ("NE2", "N", ("CB", "CG", "CD"), 1.328, 116.4, 2, 180.0)],
+    "GLU": [("CG", "C", ("N", "CA", "CB"), 1.520, 114.1, 0, 0.0),
+            ("CD", "C", ("CA", "CB", "CG"), 1.516, 112.6, 1, 0.0),
+            ("OE1", "O", ("CB", "CG", "CD"), 1.249, 118.4, 2, 0.0),
+            ("OE2", "O", ("CB", "CG", "CD"), 1.249, 118.4, 2, 180.0)],
+    "LYS": [("CG", "C", ("N", "CA", "CB"), 1.520, 114.1, 0, 0.0),
+            ("CD", "C", ("CA", "CB", "CG"), 1.520, 111.3, 1, 0.0),
+            ("CE", "C", ("CB", "CG", "CD"), 1.520, 111.3, 2, 0.0),
+            ("NZ", "N", ("CG", "CD", "CE"), 1.489, 111.9, 3, 0.0)],
+    "ARG": [("CG", "C", ("N", "CA", "CB"), 1.520, 114.1, 0, 0.0),
+            ("CD", "C", ("CA", "CB", "CG"), 1.520, 111.3, 1, 0.0),
+            ("NE", "N", ("CB", "CG", "CD"), 1.460, 112.0, 2, 0.0),
+            ("CZ", "C", ("CG", "CD", "NE"), 1.329, 124.2, 3, 0.0),
+            ("NH1", "N", ("CD", "NE", "CZ"), 1.326, 120.0, None, 0.0),
+            ("NH2", "N", ("CD", "NE", "CZ"), 1.326, 120.0, None, 180.0)],
+}
+
+# Default side-chain rotamers (chi1, chi2, ...) in degrees: common rotamers of the penultimate rotamer library
+# (Lovell, Word, Richardson & Richardson 2000, Proteins 40:389), mostly "m"/"t" chi1 as seen in helices.
+_ROTAMERS: dict[str, tuple[float, ...]] = {
+    "SER": (-65.0,), "CYS": (-65.0,), "VAL": (175.0,), "THR": (-65.0,), "ILE": (-65.0, 170.0),
+    "LEU": (-65.0, 175.0), "MET": (-65.0, 180.0, 75.0), "PHE": (-65.0, 95.0), "TYR": (-65.0, 95.0),
+    "ASN": (-65.0, -40.0), "ASP": (-70.0, -15.0), "GLN": (-65.0, 180.0, -25.0), "GLU": (-65.0, 180.0, -10.0),
+    "LYS": (-65.0, 180.0, 180.0, 180.0), "ARG": (-65.0, 180.0, 180.0, 180.0),
+}
+
+ONE_TO_THREE = {
+    "G": "GLY", "A": "ALA", "S": "SER", "C": "CYS", "V": "VAL", "T": "THR", "I": "ILE", "L": "LEU", "M": "MET",
+    "F": "PHE", "Y": "TYR", "N": "ASN", "D": "ASP", "Q": "GLN", "E": "GLU", "K": "LYS", "R": "ARG",
+}
+
+# Backbone torsions (phi, psi) in degrees.  Ideal right-handed alpha helix (Barlow & Thornton 1988 mean values).
+ALPHA_HELIX = (-62.0, -41.0)
+OMEGA_TRANS = 180.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# NeRF (Parsons et al. 2005)
+
+
+def nerf(a: np.ndarray, b: np.ndarray, c: np.ndarray, bond: float, angle_deg: float, torsion_deg: float) -> np.ndarray:
+    """Place atom d with |cd| = bond, angle(b, c, d) = angle and dihedral(a, b, c, d) = torsion."""
+    theta, phi = np.radians(angle_deg), np.radians(torsion_deg)
+    # d in the local frame of c: x along b->c, y in the abc plane, z normal to it (Parsons et al. 2005, eq. 2-4).
+    d_local = bond * np.array([-np.cos(theta), np.sin(theta) * np.cos(phi), np.sin(theta) * np.sin(phi)])
+    bc = c - b
+    bc /= np.linalg.norm(bc)
+    n = np.cross(b - a, bc)
+    n /= np.linalg.norm(n)
+    frame = np.stack([bc, np.cross(n, bc), n], axis=1)
+    return c + frame @ d_local
+
+
+def _place_cb(n: np.ndarray, ca: np.ndarray, c: np.ndarray, res_name: str) -> np.ndarray:
+    """CB with the Engh & Huber CA-CB length and both N-CA-CB and C-CA-CB angles exact, L chirality."""
+    bond, ang_n, ang_c = _CB_ALA if res_name == "ALA" else _CB_BRANCHED if res_name in ("VAL", "ILE", "THR") else _CB_DEFAULT
+    un, uc = (n - ca) / np.linalg.norm(n - ca), (c - ca) / np.linalg.norm(c - ca)
+    g = float(un @ uc)
+    cn, cc = np.cos(np.radians(ang_n)), np.cos(np.radians(ang_c))
+    # direction d = p*un + q*uc + r*w with d.un = cos(ang_n), d.uc = cos(ang_c), |d| = 1
+    p = (cn - g * cc) / (1.0 - g * g)
+    q = (cc - g * cn) / (1.0 - g * g)
+    w = np.cross(un, uc)
+    w /= np.linalg.norm(w)
+    r = np.sqrt(max(0.0, 1.0 - p * p - q * q - 2.0 * p * q * g))
+    # L-amino acids: CB on the side of cross(N-CA, C-CA), dihedral C-N-CA-CB about -122 degrees.
+    return ca + bond * (p * un + q * uc + r * w)
+
+
+def _backbone_geometry(res_name: str) -> dict:
+    return ENGH_HUBER_GLYCINE if res_name == "GLY" else ENGH_HUBER_BACKBONE
+
+
+def build_peptide(
+    sequence: str,
+    phi_psi,
+    *,
+    chain: str = "A",
+    first_residue: int = 1,
+    chis: dict[int, tuple[float, ...]] | None = None,
+) -> tuple[AtomLayout, np.ndarray]:
+    """Build a peptide (heavy atoms) from one-letter ``sequence`` and per-residue (phi, psi) in degrees.
+
+    Returns the layout (N, CA, C, O, then side chain, per residue) and coordinates [N, 3] (float64).  Omega is
+    trans (180 degrees) everywhere; the phi of the first and psi of the last residue place only O (psi).  ``chis``
+    maps a residue index (0-based) to its chi angles, overriding the default rotamer.
+    """
+    seq3 = []
+    for i, letter in enumerate(sequence.upper()):
+        if letter not in ONE_TO_THREE:
+            raise ValueError(
+                f"residue {i + 1} ({letter!r}) is not in the supported alphabet {''.join(sorted(ONE_TO_THREE))}"
+            )
+        seq3.append(ONE_TO_THREE[letter])
+    phi_psi = np.asarray(phi_psi, dtype=np.float64)
+    if phi_psi.shape != (len(seq3), 2):
+        raise ValueError(f"phi_psi has shape {phi_psi.shape}, expected ({len(seq3)}, 2)")
+    chis = chis or {}
+
+    # Start frame: N at the origin, CA along x, C in the xy plane.
+    geo = _backbone_geometry(seq3[0])
+    n = np.zeros(3)
+    ca = np.array([geo["N-CA"], 0.0, 0.0])
+    t = np.radians(180.0 - geo["N-CA-C"])
+    c = ca + geo["CA-C"] * np.array([np.cos(t), np.sin(t), 0.0])
+
+    names, elements, res_names, res_seqs, xyz = [], [], [], [], []
+
+    def add(name, element, pos, i):
+        names.append(name)
+        elements.append(element)
+        res_names.append(seq3[i])
+        res_seqs.append(first_residue + i)
+        xyz.append(pos)
+
+    for i, rn in enumerate(seq3):
+        geo = _backbone_geometry(rn)
+        phi, psi = phi_psi[i]
+        if i > 0:
+            prev_geo = _backbone_geometry(seq3[i - 1])
+            prev_n, prev_ca, prev_c = n, ca, c
+            n = nerf(prev_n, prev_ca, prev_c, prev_geo["C-N"], prev_geo["CA-C-N"], phi_psi[i - 1][1])
+            ca = nerf(prev_ca, prev_c, n, geo["N-CA"], geo["C-N-CA"], OMEGA_TRANS)
+            c = nerf(prev_c, n, ca, geo["CA-C"], geo["N-CA-C"], phi)
+        # O is trans to the next N about CA-C: dihedral N-CA-C-O = psi + 180.
+        o = nerf(n, ca, c, geo["C-O"], geo["CA-C-O"], psi + 180.0)
+        add("N", "N", n, i)
+        add("CA", "C", ca, i)
+        add("C", "C", c, i)
+        add("O", "O", o, i)
+        if rn == "GLY":
+            continue
+        atoms = {"N": n, "CA": ca, "C": c, "CB": _place_cb(n, ca, c, rn)}
+        add("CB", "C", atoms["CB"], i)
+        chi = chis.get(i, _ROTAMERS.get(rn, ()))
+        for name, element, (r1, r2, r3), bond, angle, chi_index, offset in _SIDE_CHAINS[rn]:
+            torsion = offset + (chi[chi_index] if chi_index is not None else 0.0)
+            atoms[name] = nerf(atoms[r1], atoms[r2], atoms[r3], bond, angle, torsion)
+            add(name, element, atoms[name], i)
+
+    layout = AtomLayout(
+        chain_id=np.full(len(names), chain, dtype=object),
+        res_seq=np.array(res_seqs, dtype=np.int64),
+        res_name=np.array(res_names, dtype=object),
+        atom_name=np.array(names, dtype=object),
+        element=np.array(elements, dtype=object),
+    )
+    return layout, np.array(xyz, dtype=np.float64)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the two-state peptide
+
+
+@dataclass
+class TwoStatePeptide:
+    """Two conformations of one peptide that differ only in ``loop_mask`` atoms (the loop)."""
+
+    layout: AtomLayout
+    coords_a: np.ndarray  # [N, 3] float32
+    coords_b: np.ndarray  # [N, 3] float32
+    loop_mask: np.ndarray  # [N] bool: the atoms that move between A and B
+    loop: tuple[int, int]  # first and last loop residue number
+    sequence: str
+
+
+def crankshaft(coords: np.ndarray, axis_from: np.ndarray, axis_to: np.ndarray, mask: np.ndarray, angle_deg: float) -> np.ndarray:
+    """Rotate ``coords[mask]`` by ``angle_deg`` about the line through ``axis_from`` and ``axis_to`` (Rodrigues)."""
+    k = (axis_to - axis_from) / np.linalg.norm(axis_to - axis_from)
+    t = np.radians(angle_deg)
+    v = coords[mask] - axis_from
+    rotated = v * np.cos(t) + np.cross(k, v) * np.sin(t) + np.outer(v @ k, k) * (1.0 - np.cos(t))
+    out = np.array(coords, dtype=np.float64, copy=True)
+    out[mask] = rotated + axis_from
+    return out
+
+
+def _moving_atoms(layout: AtomLayout, loop: tuple[int, int]) -> np.ndarray:
+    """Atoms strictly between the pivot CAs along the chain: C, O of the first pivot, the loop, N of the second."""
+    first, last = loop
+    rs, names = layout.res_seq, layout.atom_name
+    return ((rs >= first) & (rs <= last)) | ((rs == first - 1) & np.isin(names, ["C", "O"])) | ((rs == last + 1) & (names == "N"))
+
+
+def _nonbonded_min_distance(coords: np.ndarray, bonded: np.ndarray) -> float:
+    d = np.linalg.norm(coords[:, None] - coords[None], axis=-1)
+    return float(d[~bonded].min())
+
+
+def _bond_graph_exclusions(coords: np.ndarray) -> np.ndarray:
+    """Pairs closer than three bonds (1-2, 1-3 and 1-4) in the covalent graph of the ideal structure; bonds are
+    heavy-atom pairs closer than 1.9 A."""
+    d = np.linalg.norm(coords[:, None] - coords[None], axis=-1)
+    bond = ((d < 1.9) & ~np.eye(len(coords), dtype=bool)).astype(np.int64)
+    reach = np.eye(len(coords), dtype=np.int64) + bond
+    within = reach.copy()
+    for _ in range(2):
+        within = np.minimum(within @ reach, 1)
+    return within.astype(bool)
