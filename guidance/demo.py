@@ -3,15 +3,17 @@
 Nothing is downloaded.  The peptide is built from backbone torsions (phi, psi, omega) and side-chain chi angles
 with ideal bond lengths and angles by NeRF, the natural extension reference frame (Parsons, Holmes, Rojas, Tsai &
 Strauss 2005, J. Comput. Chem. 26:1063-1068): each new atom is placed from the three atoms before it, a bond
-length, a bond angle and a torsion.  Ideal values are Engh & Huber (1991), Acta Cryst. A47:392-400 (Table 3,
-bond lengths in A, angles in degrees).
+length, a bond angle and a torsion.  Ideal bond lengths (A) and angles (degrees) are those of Engh & Huber
+(1991), Acta Cryst. A47:392-400, for the corresponding atom types.
 
 State A is the built peptide.  State B differs from A only in the loop: the loop is turned rigidly (a "crankshaft"
 or backrub-like move, Davis et al. 2006, Structure 14:265) about the axis through the CA atoms of the two residues
 flanking it.  The atoms that turn are those strictly between the two pivot CAs along the chain: C and O of the
 first pivot residue, every atom of the loop residues, and N of the second pivot residue.  This keeps every bond
-length exact (the pivot CAs lie on the axis); only the bond angles at the two pivot CAs change.  ``loop_mask``
-marks exactly the atoms that move.
+length exact (the pivot CAs lie on the axis).  In general the N-CA-C (and N-CA-CB, CB-CA-C) angles at the two
+pivot CAs change, together with the pivots' phi/psi; the built-in design uses glycine pivots and a swing at which
+both pivot N-CA-C angles come back to their ideal values, so there every bond length *and* bond angle of state B
+equals state A.  ``loop_mask`` marks exactly the atoms that move.
 """
 
 from __future__ import annotations
@@ -31,11 +33,13 @@ __all__ = [
     "DEFAULT_SEQUENCE",
     "DEFAULT_LOOP",
     "DEFAULT_SWING_DEG",
+    "DEFAULT_PHI_PSI",
+    "crankshaft",
     "ENGH_HUBER_BACKBONE",
 ]
 
 # ---------------------------------------------------------------------------------------------------------------
-# Ideal geometry, Engh & Huber (1991) Table 3.  Lengths in A, angles in degrees.
+# Ideal geometry, Engh & Huber (1991).  Lengths in A, angles in degrees.
 # Backbone of non-glycine residues (N-CH1E, CH1E-C, C-NH1, C-O; angles N-CH1E-C, CH1E-C-NH1, C-NH1-CH1E, CH1E-C-O).
 ENGH_HUBER_BACKBONE = {
     "N-CA": 1.458, "CA-C": 1.525, "C-N": 1.329, "C-O": 1.231,
@@ -131,6 +135,24 @@ ONE_TO_THREE = {
 ALPHA_HELIX = (-62.0, -41.0)
 OMEGA_TRANS = 180.0
 
+# The built-in design (residues 1-27): helix 1-9, Gly 10 (pivot), loop 11-16, Gly 17 (pivot), helix 18-27.
+# The loop torsions were chosen by an offline numerical search for: Ramachandran-allowed loop (phi, psi); the two
+# helices packed against each other (centroids 11 A apart, crossing at about 130 degrees); no clash in either
+# state; the loop touching the helices in both states; and glycine pivots whose
+# N-CA-C angle is restored by the *same* swing at both ends, so that at DEFAULT_SWING_DEG every bond angle of state
+# B equals state A (to < 0.01 degrees).  Surface positions are Glu/Lys, positions facing the other helix Leu/Ile/Ala.
+DEFAULT_SEQUENCE = "EELKEEIKEGAATSASGEKSLEKAEEL"
+DEFAULT_LOOP = (11, 16)
+DEFAULT_SWING_DEG = 134.49
+DEFAULT_PHI_PSI = (
+    [ALPHA_HELIX] * 9
+    + [(-62.44, -58.20)]  # Gly 10, first pivot
+    + [(-146.47, 154.98), (-82.97, 0.75), (-96.62, 150.04), (-60.89, 115.72), (-76.95, 161.18), (-72.80, 157.30)]
+    + [(93.24, 55.53)]  # Gly 17, second pivot (left-handed region, glycine only)
+    + [ALPHA_HELIX] * 10
+)
+MIN_NONBONDED_DISTANCE = 2.5  # A, between heavy atoms more than two bonds apart
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # NeRF (Parsons et al. 2005)
@@ -139,7 +161,7 @@ OMEGA_TRANS = 180.0
 def nerf(a: np.ndarray, b: np.ndarray, c: np.ndarray, bond: float, angle_deg: float, torsion_deg: float) -> np.ndarray:
     """Place atom d with |cd| = bond, angle(b, c, d) = angle and dihedral(a, b, c, d) = torsion."""
     theta, phi = np.radians(angle_deg), np.radians(torsion_deg)
-    # d in the local frame of c: x along b->c, y in the abc plane, z normal to it (Parsons et al. 2005, eq. 2-4).
+    # d in the local frame of c: x along b->c, y in the abc plane, z normal to it (Parsons et al. 2005).
     d_local = bond * np.array([-np.cos(theta), np.sin(theta) * np.cos(phi), np.sin(theta) * np.sin(phi)])
     bc = c - b
     bc /= np.linalg.norm(bc)
@@ -151,7 +173,12 @@ def nerf(a: np.ndarray, b: np.ndarray, c: np.ndarray, bond: float, angle_deg: fl
 
 def _place_cb(n: np.ndarray, ca: np.ndarray, c: np.ndarray, res_name: str) -> np.ndarray:
     """CB with the Engh & Huber CA-CB length and both N-CA-CB and C-CA-CB angles exact, L chirality."""
-    bond, ang_n, ang_c = _CB_ALA if res_name == "ALA" else _CB_BRANCHED if res_name in ("VAL", "ILE", "THR") else _CB_DEFAULT
+    if res_name == "ALA":
+        bond, ang_n, ang_c = _CB_ALA
+    elif res_name in ("VAL", "ILE", "THR"):
+        bond, ang_n, ang_c = _CB_BRANCHED
+    else:
+        bond, ang_n, ang_c = _CB_DEFAULT
     un, uc = (n - ca) / np.linalg.norm(n - ca), (c - ca) / np.linalg.norm(c - ca)
     g = float(un @ uc)
     cn, cc = np.cos(np.radians(ang_n)), np.cos(np.radians(ang_c))
@@ -180,8 +207,8 @@ def build_peptide(
     """Build a peptide (heavy atoms) from one-letter ``sequence`` and per-residue (phi, psi) in degrees.
 
     Returns the layout (N, CA, C, O, then side chain, per residue) and coordinates [N, 3] (float64).  Omega is
-    trans (180 degrees) everywhere; the phi of the first and psi of the last residue place only O (psi).  ``chis``
-    maps a residue index (0-based) to its chi angles, overriding the default rotamer.
+    trans (180 degrees) everywhere; the first residue's phi is unused and the last residue's psi only places its O.
+    ``chis`` maps a residue index (0-based) to its chi angles, overriding the default rotamer.
     """
     seq3 = []
     for i, letter in enumerate(sequence.upper()):
@@ -262,7 +289,9 @@ class TwoStatePeptide:
     sequence: str
 
 
-def crankshaft(coords: np.ndarray, axis_from: np.ndarray, axis_to: np.ndarray, mask: np.ndarray, angle_deg: float) -> np.ndarray:
+def crankshaft(
+    coords: np.ndarray, axis_from: np.ndarray, axis_to: np.ndarray, mask: np.ndarray, angle_deg: float
+) -> np.ndarray:
     """Rotate ``coords[mask]`` by ``angle_deg`` about the line through ``axis_from`` and ``axis_to`` (Rodrigues)."""
     k = (axis_to - axis_from) / np.linalg.norm(axis_to - axis_from)
     t = np.radians(angle_deg)
@@ -277,21 +306,85 @@ def _moving_atoms(layout: AtomLayout, loop: tuple[int, int]) -> np.ndarray:
     """Atoms strictly between the pivot CAs along the chain: C, O of the first pivot, the loop, N of the second."""
     first, last = loop
     rs, names = layout.res_seq, layout.atom_name
-    return ((rs >= first) & (rs <= last)) | ((rs == first - 1) & np.isin(names, ["C", "O"])) | ((rs == last + 1) & (names == "N"))
+    loop = (rs >= first) & (rs <= last)
+    return loop | ((rs == first - 1) & np.isin(names, ["C", "O"])) | ((rs == last + 1) & (names == "N"))
 
 
-def _nonbonded_min_distance(coords: np.ndarray, bonded: np.ndarray) -> float:
+def _close_in_bond_graph(coords: np.ndarray, bonds: int = 2) -> np.ndarray:
+    """[N, N] bool: atom pairs at most ``bonds`` covalent bonds apart (and the diagonal).  Bonds are heavy-atom
+    pairs closer than 1.9 A in ``coords`` (an ideal structure, so no false bonds)."""
     d = np.linalg.norm(coords[:, None] - coords[None], axis=-1)
-    return float(d[~bonded].min())
-
-
-def _bond_graph_exclusions(coords: np.ndarray) -> np.ndarray:
-    """Pairs closer than three bonds (1-2, 1-3 and 1-4) in the covalent graph of the ideal structure; bonds are
-    heavy-atom pairs closer than 1.9 A."""
-    d = np.linalg.norm(coords[:, None] - coords[None], axis=-1)
-    bond = ((d < 1.9) & ~np.eye(len(coords), dtype=bool)).astype(np.int64)
-    reach = np.eye(len(coords), dtype=np.int64) + bond
-    within = reach.copy()
-    for _ in range(2):
-        within = np.minimum(within @ reach, 1)
+    step = ((d < 1.9) | np.eye(len(coords), dtype=bool)).astype(np.int64)
+    within = step.copy()
+    for _ in range(bonds - 1):
+        within = np.minimum(within @ step, 1)
     return within.astype(bool)
+
+
+def _closest_nonbonded(layout: AtomLayout, coords: np.ndarray, close: np.ndarray) -> tuple[float, str]:
+    d = np.linalg.norm(coords[:, None] - coords[None], axis=-1)
+    d[close] = np.inf
+    i, j = np.unravel_index(np.argmin(d), d.shape)
+    keys = layout.keys()
+    return float(d[i, j]), f"{keys[i][2]} {keys[i][1]} - {keys[j][2]} {keys[j][1]}"
+
+
+def build_two_state_peptide(
+    sequence: str = DEFAULT_SEQUENCE,
+    loop: tuple[int, int] = DEFAULT_LOOP,
+    swing_deg: float = DEFAULT_SWING_DEG,
+    *,
+    phi_psi=None,
+    min_distance: float = MIN_NONBONDED_DISTANCE,
+) -> TwoStatePeptide:
+    """Build the two-state peptide (chain A, residues numbered from 1, heavy atoms only).
+
+    The default is a 27-residue helix-loop-helix (helix 1-9, Gly 10, loop 11-16, Gly 17, helix 18-27) whose
+    loop turns by 134.49 degrees between the states (loop backbone RMSD about 9.8 A).  ``phi_psi`` ([n, 2] degrees)
+    is required for any sequence length or loop other than the default design; a different sequence of the same
+    length reuses the default backbone with its own side chains.  Positive ``swing_deg`` turns the loop
+    right-handedly about the axis from CA(first - 1) to CA(last + 1).  Raises ``ValueError`` if either state has
+    two atoms more than two bonds apart closer than ``min_distance`` A.  Deterministic: no randomness.
+    """
+    sequence = sequence.upper()
+    first, last = int(loop[0]), int(loop[1])
+    if not 2 <= first <= last <= len(sequence) - 1:
+        raise ValueError(
+            f"loop {loop} must lie inside residues 2..{len(sequence) - 1} so that both flanking (pivot) residues exist"
+        )
+    if phi_psi is None:
+        if len(sequence) != len(DEFAULT_SEQUENCE) or (first, last) != DEFAULT_LOOP:
+            raise ValueError(
+                f"the built-in backbone is for {len(DEFAULT_SEQUENCE)} residues with loop {DEFAULT_LOOP};"
+                f" pass phi_psi ([{len(sequence)}, 2] degrees) for a {len(sequence)}-residue peptide with loop {loop}"
+            )
+        phi_psi = DEFAULT_PHI_PSI
+    layout, coords_a = build_peptide(sequence, phi_psi)
+    index = layout.index()
+    moving = _moving_atoms(layout, (first, last))
+    coords_b = crankshaft(coords_a, coords_a[index[("A", first - 1, "CA")]], coords_a[index[("A", last + 1, "CA")]],
+                          moving, swing_deg)
+    close = _close_in_bond_graph(coords_a)
+    for state, xyz in (("A", coords_a), ("B", coords_b)):
+        dist, pair = _closest_nonbonded(layout, xyz, close)
+        if dist < min_distance:
+            raise ValueError(
+                f"state {state} has a clash: atoms {pair} are {dist:.2f} A apart (< {min_distance} A);"
+                " choose another swing_deg, loop, phi_psi or sequence"
+            )
+    return TwoStatePeptide(
+        layout=layout,
+        coords_a=coords_a.astype(np.float32),
+        coords_b=coords_b.astype(np.float32),
+        loop_mask=moving,
+        loop=(first, last),
+        sequence=sequence,
+    )
+
+
+def write_two_state_structure(path, peptide: TwoStatePeptide, occupancies=(0.6, 0.4)) -> Path:
+    """Write the two states as one model with altlocs A / B on the loop atoms (PDB, or mmCIF by suffix)."""
+    from guidance.structure import write_altloc_structure
+
+    coords = np.stack([peptide.coords_a, peptide.coords_b]).astype(np.float64)
+    return write_altloc_structure(path, peptide.layout, coords, occupancies, ids=("A", "B"))

@@ -522,7 +522,10 @@ def _read_ccp4(path: Path, box_around: np.ndarray | None) -> tuple[gemmi.FloatGr
         shift = np.array([ccp4.header_float(i) for i in (50, 51, 52)], dtype=np.float64)
         if not np.all(np.isfinite(shift)):
             shift = np.zeros(3)
-    if box_around is not None and not full_cell:
+    # A full cell of a crystallographic space group is periodic (the model may sit in any cell copy); a P1 / EM map
+    # (ISPG 0 or 1, header word 23) is a box, which must contain the model like a partial map.
+    periodic = full_cell and ccp4.header_i32(23) > 1
+    if box_around is not None and not periodic:
         ext = ccp4.get_extent()
         frac_tr = ccp4.grid.unit_cell.frac
         frac = (box_around - shift) @ np.array(frac_tr.mat.tolist()).T + np.array(frac_tr.vec.tolist())
@@ -531,7 +534,8 @@ def _read_ccp4(path: Path, box_around: np.ndarray | None) -> tuple[gemmi.FloatGr
         if np.any(frac < lo - tol) or np.any(frac > hi + tol):
             raise MapError(
                 f"{path}: the map does not cover the model (model box {np.round(box_around.min(0), 1)} to "
-                f"{np.round(box_around.max(0), 1)} A lies partly outside the map's data)"
+                f"{np.round(box_around.max(0), 1)} A lies partly outside the map's data"
+                f"{'; a P1 map is read as a box, not a periodic cell' if full_cell else ''})"
             )
     ccp4.setup(float("nan"))
     return ccp4.grid, shift, (start, np.minimum(count, sampling_xyz))

@@ -468,7 +468,8 @@ def test_non_orthogonal_cell_is_interpolated_onto_an_orthogonal_box(tmp_path):
         return np.cos(2 * np.pi * u) + 0.5 * np.sin(2 * np.pi * (v + w)) + 0.3 * np.cos(4 * np.pi * w)
 
     ccp4 = gemmi.Ccp4Map()
-    ccp4.grid = gemmi.FloatGrid(smooth(frac).astype(np.float32), cell, gemmi.SpaceGroup("P 1"))
+    # a crystallographic space group (ISPG > 1): the full cell is periodic (a P1 full cell would be read as a box)
+    ccp4.grid = gemmi.FloatGrid(smooth(frac).astype(np.float32), cell, gemmi.SpaceGroup("P 1 2 1"))
     ccp4.update_ccp4_header(2, True)
     path = tmp_path / "monoclinic.ccp4"
     ccp4.write_ccp4_map(str(path))
