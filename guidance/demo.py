@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from guidance.metrics import ENGH_HUBER_1991
 from predictors.base import AtomLayout
 
 __all__ = [
@@ -41,15 +42,9 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------------------------
 # Ideal geometry, Engh & Huber (1991).  Lengths in A, angles in degrees.
 # Backbone of non-glycine residues (N-CH1E, CH1E-C, C-NH1, C-O; angles N-CH1E-C, CH1E-C-NH1, C-NH1-CH1E, CH1E-C-O).
-ENGH_HUBER_BACKBONE = {
-    "N-CA": 1.458, "CA-C": 1.525, "C-N": 1.329, "C-O": 1.231,
-    "N-CA-C": 111.2, "CA-C-N": 116.2, "C-N-CA": 121.7, "CA-C-O": 120.1,
-}
-# Glycine (N-CH2G, CH2G-C, N-CH2G-C, CH2G-C-NH1, C-NH1-CH2G, CH2G-C-O).
-ENGH_HUBER_GLYCINE = {
-    "N-CA": 1.451, "CA-C": 1.516, "C-N": 1.329, "C-O": 1.231,
-    "N-CA-C": 112.5, "CA-C-N": 116.4, "C-N-CA": 120.6, "CA-C-O": 120.8,
-}
+# Backbone of non-glycine residues and of glycine: the means of the one Engh & Huber table in guidance/metrics.py.
+ENGH_HUBER_BACKBONE = {term: mean for term, (mean, _sd) in ENGH_HUBER_1991["default"].items()}
+ENGH_HUBER_GLYCINE = {term: mean for term, (mean, _sd) in ENGH_HUBER_1991["GLY"].items()}
 # CB: (CA-CB length, N-CA-CB angle, C-CA-CB angle) for CH1E-CH3E (Ala), CH1E-CH1E (beta-branched Val/Ile/Thr)
 # and CH1E-CH2E (the rest).
 _CB_ALA = (1.521, 110.4, 110.5)

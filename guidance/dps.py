@@ -12,7 +12,9 @@ log p(y | x_t) ~ log p(y | x0_hat(x_t)) and takes its gradient either
 In the Euler step x_{i+1} = x_hat + s (sigma_{i+1} - t_hat)(x_hat - x0_hat)/t_hat, replacing the prior score by the
 posterior score adds the drift  s (t_hat - sigma_{i+1}) t_hat * lambda_i * grad  ("score" scaling), so the guidance
 follows the diffusion step.  ``scale="normalized"`` instead moves each member by lambda_i times the length of its
-own diffusion step along the unit gradient.  Per-atom displacements are capped at ``max_step`` A.
+own diffusion step along the unit gradient.  No atom moves more than ``max_step`` A, nor more than the noise level
+falls in the step (t_hat - sigma_{i+1}): a fixed cap would exceed the noise near the end of the run and knock the
+sample off the prior's manifold (measured on the demo: the log-likelihood of x0_hat fell threefold at sigma ~ 1 A).
 Optionally, ``inner_steps`` optax Adam steps first refine x0_hat against the likelihood and the denoiser output is
 replaced by the refined estimate.
 """
@@ -118,4 +120,6 @@ def drift(
         step_len = (schedule.step_scale * dt / t * (x_hat - x0_hat)).norm(dim=(-2, -1), keepdim=True)
         unit = grad / (grad.norm(dim=(-2, -1), keepdim=True) + 1e-12)
         d = lam * step_len * unit
-    return cap_per_atom(d, dps.max_step)
+    # no atom moves further than max_step, nor further than the noise level falls in this step (t_hat - sigma_next):
+    # near the end of the run a fixed cap would be larger than the noise and overshoot.
+    return cap_per_atom(d, min(dps.max_step, dt))

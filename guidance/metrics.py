@@ -152,10 +152,14 @@ def altloc_assignment(
 # Ideal backbone geometry, Engh & Huber (1991) Acta Cryst. A47, 392-400, Table 3 (means and standard deviations from
 # small-molecule structures).  Bond lengths in A, angle in degrees.  Residue-specific values for Gly and Pro; the
 # C-N peptide bond takes the value for the residue that owns the N (C-N to Pro differs).
+# The remaining backbone terms (C-O, CA-C-N, C-N-CA, CA-C-O) are given for "default" and "GLY" only; they are used to
+# build ideal peptides (guidance/demo.py), not for the RMSZ below.
 ENGH_HUBER_1991 = {
     #          N-CA            CA-C            C-N (this N)     N-CA-C
-    "default": {"N-CA": (1.458, 0.019), "CA-C": (1.525, 0.021), "C-N": (1.329, 0.014), "N-CA-C": (111.2, 2.8)},
-    "GLY": {"N-CA": (1.451, 0.016), "CA-C": (1.516, 0.018), "C-N": (1.329, 0.014), "N-CA-C": (112.5, 2.9)},
+    "default": {"N-CA": (1.458, 0.019), "CA-C": (1.525, 0.021), "C-N": (1.329, 0.014), "N-CA-C": (111.2, 2.8),
+                "C-O": (1.231, 0.020), "CA-C-N": (116.2, 2.0), "C-N-CA": (121.7, 1.8), "CA-C-O": (120.1, 2.1)},
+    "GLY": {"N-CA": (1.451, 0.016), "CA-C": (1.516, 0.018), "C-N": (1.329, 0.014), "N-CA-C": (112.5, 2.9),
+            "C-O": (1.231, 0.020), "CA-C-N": (116.4, 2.1), "C-N-CA": (120.6, 1.7), "CA-C-O": (120.8, 2.1)},
     "PRO": {"N-CA": (1.466, 0.015), "CA-C": (1.525, 0.021), "C-N": (1.341, 0.016), "N-CA-C": (111.8, 2.5)},
 }
 

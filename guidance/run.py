@@ -21,11 +21,12 @@ import logging
 import math
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from guidance.structure import atomic_write
 
 log = logging.getLogger("ensemble_guide")
 
@@ -46,21 +47,6 @@ class UserError(Exception):
 # ----------------------------------------------------------------------------------------------- small I/O helpers
 
 
-def atomic_write_text(path: Path, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def write_trajectory(path: Path, rows: list[dict]) -> Path:
     keys: list[str] = []
     for row in rows:
@@ -69,7 +55,7 @@ def write_trajectory(path: Path, rows: list[dict]) -> Path:
     writer = csv.DictWriter(buf, fieldnames=keys, restval="")
     writer.writeheader()
     writer.writerows(rows)
-    return atomic_write_text(path, buf.getvalue())
+    return atomic_write(path, buf.getvalue())
 
 
 def _jsonable(obj):
@@ -138,32 +124,29 @@ def build_predictor(pcfg, conf):
     raise UserError(f"unknown predictor {name!r}; available: reference")
 
 
-def build_objective(cfg, predictor, conf, ref_coords, demo_map: Path | None):
-    """The observables selected in ``cfg.observables``, built on the predictor's atoms."""
+def build_objective(cfg, layout, ref_coords, demo_map: Path | None):
+    """The observables selected in ``cfg.observables``, built on the atoms of ``layout`` (the predictor's, or the
+    structure's in score mode) with the input structure's conformers ``ref_coords [K, N, 3]`` in that order."""
     import observables
-    from guidance.objective import Objective, Term
+    from guidance.objective import Term
     from observables.base import AtomInfo
+    from omegaconf import OmegaConf
 
-    atoms = AtomInfo.from_layout(predictor.layout, coords=ref_coords)
+    atoms = AtomInfo.from_layout(layout, coords=ref_coords)
     terms = []
-    for name, ocfg in (cfg.observables or {}).items():
-        params = {k: v for k, v in dict(ocfg).items() if k != "weight"}
+    for name in cfg.observables or {}:
+        params = OmegaConf.to_container(cfg.observables[name], resolve=True)
+        weight = float(params.pop("weight", 1.0))
         if name == "density" and params.get("map") is None:
             if demo_map is None:
                 raise UserError("observables.density.map is required: give a CCP4/MRC/MTZ file")
             params["map"] = demo_map
-        for k, v in list(params.items()):
-            if hasattr(v, "items") or (hasattr(v, "__iter__") and not isinstance(v, str)):
-                from omegaconf import OmegaConf
-
-                params[k] = OmegaConf.to_container(v) if not isinstance(v, (list, dict)) else v
         try:
             obs = observables.build(name, atoms, **params)
         except (KeyError, TypeError) as exc:
             raise UserError(f"observable {name!r}: {exc}") from exc
-        terms.append(Term(name, obs, float(ocfg.get("weight", 1.0))))
-        log.info("observable %s (weight %.3g): %s", name, float(ocfg.get("weight", 1.0)),
-                 {k: (str(v) if isinstance(v, Path) else v) for k, v in params.items()})
+        terms.append(Term(name, obs, weight))
+        log.info("observable %s (weight %.3g): %s", name, weight, {k: str(v) for k, v in params.items()})
     if not terms:
         raise UserError("no observables selected: use e.g. observables=[density]")
     return terms
@@ -246,7 +229,7 @@ def run(cfg, out_dir: Path) -> dict:
     truth = read_structure(cfg.reference) if cfg.get("reference") else (conf if len(conf.ids) > 1 else None)
 
     if cfg.mode == "score":
-        terms = build_objective(cfg, _LayoutOnly(conf.layout), conf, conf.coords, demo_map)
+        terms = build_objective(cfg, conf.layout, conf.coords, demo_map)
         from guidance.objective import Objective
 
         objective = Objective(terms, n_members=len(conf.ids), member_weights=conf.weights)
@@ -270,7 +253,7 @@ def run(cfg, out_dir: Path) -> dict:
         log.warning("%d predictor atoms are not in the structure (e.g. %s)", len(match.missing_in_src), match.missing_in_src[:3])
     ref_coords = np.full((len(conf.ids), len(predictor.layout), 3), np.nan, np.float32)
     ref_coords[:, match.dst_index] = conf.coords[:, match.src_index]
-    terms = build_objective(cfg, predictor, conf, np.nan_to_num(ref_coords), demo_map)
+    terms = build_objective(cfg, predictor.layout, np.nan_to_num(ref_coords), demo_map)
 
     scfg, gcfg = cfg.sampler, cfg.guidance
     schedule = _schedule(predictor, scfg)
@@ -375,11 +358,6 @@ def run(cfg, out_dir: Path) -> dict:
     return metrics
 
 
-class _LayoutOnly:
-    def __init__(self, layout):
-        self.layout = layout
-
-
 # ----------------------------------------------------------------------------------------------- entry point
 
 
@@ -409,7 +387,7 @@ def _app(cfg) -> int:
             return 1
         raise
     metrics["config"] = OmegaConf.to_container(cfg, resolve=True)
-    atomic_write_text(out_dir / "metrics.json", json.dumps(_jsonable(metrics), indent=2))
+    atomic_write(out_dir / "metrics.json", json.dumps(_jsonable(metrics), indent=2))
     summary = {name: {k: v for k, v in rep.items() if k in ("rscc", "cc_box", "chi2", "q_factor")}
                for name, rep in metrics["observables"].items()}
     ref = metrics.get("reference", {}).get("altlocs", {})

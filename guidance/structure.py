@@ -411,7 +411,7 @@ def _asym_name(n: int) -> str:
     return name
 
 
-def _atomic_write(path: Path, text: str) -> Path:
+def atomic_write(path: Path, text: str) -> Path:
     """Write ``text`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -481,7 +481,7 @@ def write_ensemble_cif(
             "key": [str(k) for k in metadata],
             "value": [_metadata_value(v) for v in metadata.values()],
         })
-    return _atomic_write(Path(path), doc.as_string())
+    return atomic_write(Path(path), doc.as_string())
 
 
 def write_altloc_structure(
@@ -535,7 +535,7 @@ def write_altloc_structure(
     else:
         st.assign_serial_numbers()
         text = st.make_pdb_string()
-    return _atomic_write(path, text)
+    return atomic_write(path, text)
 
 
 # ----------------------------------------------------------------------------------------------------------------
