@@ -158,7 +158,7 @@ def _schedule(predictor, scfg):
     return predictor.schedule.replace(**overrides) if overrides else predictor.schedule
 
 
-def _guidance_objects(gcfg, n_steps):
+def _guidance_objects(gcfg):
     from guidance.dps import DPS, Strength
     from guidance.fk import FK
 
@@ -202,15 +202,8 @@ def reference_block(layout, members, member_weights, truth) -> dict:
 
 
 def run(cfg, out_dir: Path) -> dict:
-    import torch
-    from tqdm.auto import tqdm
-
-    from guidance import fk as fk_mod
-    from guidance.report import plot_map_slice, plot_trajectory, plot_weights
-    from guidance.sampler import initial_noise, plan
-    from guidance.structure import read_structure, write_ensemble_cif
-    from guidance.metrics import geometry_report
-    from guidance.weights import refine_weights
+    """One run: read (or generate) the inputs, then score or sample; returns metrics.json's content."""
+    from guidance.structure import read_structure
 
     t0 = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -227,48 +220,65 @@ def run(cfg, out_dir: Path) -> dict:
     log.info("structure %s: %d atoms, %d conformer(s) %s (%s), weights %s", structure, len(conf.layout),
              len(conf.ids), list(conf.ids), conf.kind, np.round(conf.weights, 3).tolist())
     truth = read_structure(cfg.reference) if cfg.get("reference") else (conf if len(conf.ids) > 1 else None)
-
     if cfg.mode == "score":
-        terms = build_objective(cfg, conf.layout, conf.coords, demo_map)
-        from guidance.objective import Objective
-
-        objective = Objective(terms, n_members=len(conf.ids), member_weights=conf.weights)
-        members, mweights = conf.coords, np.asarray(conf.weights)
-        metrics = {"observables": objective.reports(members, mweights),
-                   "ensemble": {"size": len(conf.ids), "weights": mweights, "ids": list(conf.ids)},
-                   "geometry": geometry_report(conf.layout, members)}
-        if cfg.get("reference"):
-            metrics["reference"] = reference_block(conf.layout, members, mweights, truth)
-        metrics["runtime_s"] = time.perf_counter() - t0
-        return metrics
-
-    if cfg.mode != "sample":
+        metrics = score(cfg, conf, demo_map, truth if cfg.get("reference") else None)
+    elif cfg.mode == "sample":
+        metrics = sample(cfg, conf, demo_map, truth, out_dir)
+    else:
         raise UserError(f"unknown mode {cfg.mode!r}; use mode=sample or mode=score")
+    metrics["runtime_s"] = time.perf_counter() - t0
+    return metrics
+
+
+def score(cfg, conf, demo_map, truth) -> dict:
+    """Evaluate the structure's own conformers (models / altlocs at their weights) against the observables."""
+    from guidance.metrics import geometry_report
+    from guidance.objective import Objective
+
+    terms = build_objective(cfg, conf.layout, conf.coords, demo_map)
+    objective = Objective(terms, n_members=len(conf.ids), member_weights=conf.weights)
+    members, mweights = conf.coords, np.asarray(conf.weights)
+    metrics = {"observables": objective.reports(members, mweights),
+               "ensemble": {"size": len(conf.ids), "weights": mweights, "ids": list(conf.ids)},
+               "geometry": geometry_report(conf.layout, members)}
+    if truth is not None:
+        metrics["reference"] = reference_block(conf.layout, members, mweights, truth)
+    return metrics
+
+
+def sample(cfg, conf, demo_map, truth, out_dir: Path) -> dict:
+    """Guided sampling, member-weight refinement and the outputs of DESIGN.md."""
+    import torch
+
+    from guidance import fk as fk_mod
+    from guidance.metrics import geometry_report
+    from guidance.objective import Objective
+    from guidance.sampler import initial_noise, plan
+    from guidance.structure import match_layouts, write_ensemble_cif
+    from guidance.weights import refine_weights
 
     predictor = build_predictor(cfg.predictor, conf)
-    from guidance.structure import match_layouts
-
     match = match_layouts(conf.layout, predictor.layout)
     if match.missing_in_src:
-        log.warning("%d predictor atoms are not in the structure (e.g. %s)", len(match.missing_in_src), match.missing_in_src[:3])
-    ref_coords = np.full((len(conf.ids), len(predictor.layout), 3), np.nan, np.float32)
+        log.warning("%d predictor atoms are not in the structure (e.g. %s)", len(match.missing_in_src),
+                    match.missing_in_src[:3])
+    ref_coords = np.zeros((len(conf.ids), len(predictor.layout), 3), np.float32)
     ref_coords[:, match.dst_index] = conf.coords[:, match.src_index]
-    terms = build_objective(cfg, predictor.layout, np.nan_to_num(ref_coords), demo_map)
+    terms = build_objective(cfg, predictor.layout, ref_coords, demo_map)
 
     scfg, gcfg = cfg.sampler, cfg.guidance
     schedule = _schedule(predictor, scfg)
     n_steps, e = int(scfg.steps), int(cfg.ensemble_size)
     if e < 1:
         raise UserError("ensemble_size must be >= 1")
-    dps, fk = _guidance_objects(gcfg, n_steps)
-    p = int(gcfg.particles) if gcfg.method == "fk" else int(gcfg.get("particles", 1))
-    augmentation = bool(getattr(predictor, "needs_augmentation", False)) if scfg.augmentation == "auto" else bool(scfg.augmentation)
+    dps, fk = _guidance_objects(gcfg)
+    p = int(gcfg.get("particles", 1))
+    augmentation = (bool(getattr(predictor, "needs_augmentation", False)) if scfg.augmentation == "auto"
+                    else bool(scfg.augmentation))
     align_to_input = bool(getattr(predictor, "needs_alignment", False))
-
-    from guidance.objective import Objective
-
-    ref_frame = torch.as_tensor(np.nan_to_num(ref_coords[0])) if align_to_input else None
+    ref_frame = torch.as_tensor(ref_coords[0]) if align_to_input else None
     objective = Objective(terms, n_members=e, reference=ref_frame, align=align_to_input)
+
     steps = plan(schedule, n_steps, start_step=int(scfg.start_step))
     gen = torch.Generator().manual_seed(int(cfg.seed))
     torch.manual_seed(int(cfg.seed))
@@ -276,30 +286,12 @@ def run(cfg, out_dir: Path) -> dict:
     if steps[0].index == 0:
         x = initial_noise((p * e, n_atoms, 3), steps[0].sigma, gen)
     else:  # partial diffusion: start from the input's conformers (cycled over members), noised to the start level
-        start = torch.as_tensor(np.nan_to_num(ref_coords))[torch.arange(p * e) % len(conf.ids)]
+        start = torch.as_tensor(ref_coords)[torch.arange(p * e) % len(conf.ids)]
         x = start + initial_noise(start.shape, steps[0].sigma, gen)
     log.info("sampling: guidance=%s, %d particle(s) x %d member(s), %d steps from sigma %.3g A, solver %s",
              gcfg.method, p, e, len(steps), steps[0].sigma, scfg.solver)
-
-    rows: list[dict] = []
-    traj_path = out_dir / "trajectory.csv"
-
-    def on_step(info):
-        rows.append(info["row"])
-        if len(rows) % 10 == 0:
-            write_trajectory(traj_path, rows)
-
-    bar = lambda it: tqdm(it, desc=f"{gcfg.method} sampling", unit="step", file=sys.stderr, leave=False)  # noqa: E731
-    use_objective = objective if gcfg.method != "none" else None
-    try:
-        result = fk_mod.steer(predictor.denoise, x, steps, schedule, gen, n_particles=p, n_members=e,
-                              objective=use_objective, dps=dps, fk=fk, n_steps_total=n_steps,
-                              augmentation=augmentation, solver=scfg.solver, align=bool(scfg.align),
-                              progress=bar, callback=on_step)
-    except KeyboardInterrupt:
-        write_trajectory(traj_path, rows)
-        raise UserError(f"interrupted after {len(rows)} steps; the trajectory so far is in {traj_path}")
-    write_trajectory(traj_path, result.trajectory)
+    result = _steer(predictor, x, steps, schedule, gen, p, e, objective if gcfg.method != "none" else None, dps, fk,
+                    n_steps, augmentation, scfg, gcfg.method, out_dir / "trajectory.csv")
 
     particles = result.particles.detach().cpu().numpy()
     if not np.isfinite(particles).all():
@@ -312,14 +304,13 @@ def run(cfg, out_dir: Path) -> dict:
     members = particles[best]
     uniform = np.full(e, 1.0 / e)
     fit = None
+    mweights = uniform
     if cfg.weights.refine:
         fit = refine_weights(objective.ensemble_log_likelihood(), members, uniform, steps=int(cfg.weights.steps),
                              learning_rate=float(cfg.weights.learning_rate), entropy=float(cfg.weights.entropy))
         mweights = np.asarray(fit.weights)
         log.info("member weights refined: log-likelihood %.3f -> %.3f, weights %s", fit.log_likelihood_before,
                  fit.log_likelihood_after, np.round(mweights, 3).tolist())
-    else:
-        mweights = uniform
 
     metrics: dict = {
         "observables": objective.reports(members, mweights),
@@ -328,7 +319,7 @@ def run(cfg, out_dir: Path) -> dict:
         "geometry": geometry_report(predictor.layout, members),
         "sampling": {
             "guidance": gcfg.method, "particles": p, "steps": len(steps), "particle_weights": pw,
-            "particle_log_likelihood": final_ll.detach().cpu().numpy() if hasattr(final_ll, "detach") else final_ll,
+            "particle_log_likelihood": final_ll.detach().cpu().numpy(),
             "ess_final": fk_mod.ess(result.log_weights) if fk is not None else None,
             "resampled_at": result.resampled_at, "uncorrected_drift_steps": result.uncorrected_drift_steps,
             "skipped_guidance_steps": result.skipped_guidance_steps,
@@ -344,18 +335,50 @@ def run(cfg, out_dir: Path) -> dict:
         np.savez_compressed(tmp, particles=particles, weights=pw)
         os.replace(tmp, out_dir / "particles.npz")
     if cfg.output.plots:
-        plots = out_dir / "plots"
-        plot_trajectory(result.trajectory, plots / "trajectory.png")
-        if fit is not None:
-            plot_weights(uniform, mweights, plots / "weights.png")
-        for t in objective.terms:
-            if t.name == "density":
-                obs = t.observable
-                model = np.asarray(obs.predict(members, mweights))
-                plot_map_slice(obs.grid.values, model, obs.grid.origin, obs.grid.spacing, plots / "map_slice.png",
-                               atoms_xyz=members.reshape(-1, 3), title="map (grey) and ensemble density (contours)")
-    metrics["runtime_s"] = time.perf_counter() - t0
+        _plots(out_dir / "plots", result.trajectory, objective, members, uniform, mweights, fit is not None)
     return metrics
+
+
+def _steer(predictor, x, steps, schedule, gen, p, e, objective, dps, fk, n_steps, augmentation, scfg, method,
+           traj_path: Path):
+    """fk.steer with a progress bar and the trajectory written as it goes (every 10 steps, and on interruption)."""
+    from tqdm.auto import tqdm
+
+    from guidance import fk as fk_mod
+
+    rows: list[dict] = []
+
+    def on_step(info):
+        rows.append(info["row"])
+        if len(rows) % 10 == 0:
+            write_trajectory(traj_path, rows)
+
+    def bar(it):
+        return tqdm(it, desc=f"{method} sampling", unit="step", file=sys.stderr, leave=False)
+
+    try:
+        result = fk_mod.steer(predictor.denoise, x, steps, schedule, gen, n_particles=p, n_members=e,
+                              objective=objective, dps=dps, fk=fk, n_steps_total=n_steps, augmentation=augmentation,
+                              solver=scfg.solver, align=bool(scfg.align), progress=bar, callback=on_step)
+    except KeyboardInterrupt:
+        write_trajectory(traj_path, rows)
+        raise UserError(f"interrupted after {len(rows)} steps; the trajectory so far is in {traj_path}") from None
+    write_trajectory(traj_path, result.trajectory)
+    return result
+
+
+def _plots(plots: Path, trajectory, objective, members, uniform, mweights, refined: bool) -> None:
+    from guidance.report import plot_map_slice, plot_trajectory, plot_weights
+
+    plot_trajectory(trajectory, plots / "trajectory.png")
+    if refined:
+        plot_weights(uniform, mweights, plots / "weights.png")
+    for t in objective.terms:
+        if t.name == "density":
+            obs = t.observable
+            model = np.asarray(obs.predict(members, mweights))
+            plot_map_slice(obs.grid.values, model, obs.grid.origin, obs.grid.spacing, plots / "map_slice.png",
+                           atoms_xyz=members.reshape(-1, 3), title="map (grey) and ensemble density (contours)")
 
 
 # ----------------------------------------------------------------------------------------------- entry point
