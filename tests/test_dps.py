@@ -3,7 +3,6 @@ refinement of x0_hat."""
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pytest

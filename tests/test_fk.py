@@ -32,16 +32,6 @@ from validate_posterior import build, problem  # noqa: E402
 UNBIASED = NoiseSchedule(gamma_0=0.3, gamma_min=0.0, noise_scale=1.0, step_scale=1.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """These tensors are tiny: torch's intra-op threads only add synchronisation (on a shared 2-core machine a
-    small denoiser call went from 0.3 ms on one thread to 12-16 ms on two).  Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ------------------------------------------------------------------------------------------------ ESS and resampling
 
 
