@@ -22,7 +22,7 @@ def _jax_platforms() -> set[str]:
 
 def torch_to_jax(t: torch.Tensor) -> jax.Array:
     """A JAX view of a torch tensor (detached).  Zero-copy on the same device; a CUDA tensor goes through host memory
-    only when JAX has no GPU backend."""
+    only when JAX has no GPU backend.  A float64 tensor becomes a float32 copy unless JAX's x64 mode is on."""
     t = t.detach()
     if t.device.type == "cuda" and "gpu" not in _jax_platforms() and "cuda" not in _jax_platforms():
         t = t.cpu()

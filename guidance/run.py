@@ -347,9 +347,11 @@ def _steer(predictor, x, steps, schedule, gen, p, e, objective, dps, fk, n_steps
     from guidance import fk as fk_mod
 
     rows: list[dict] = []
+    latest: dict = {}
 
     def on_step(info):
         rows.append(info["row"])
+        latest["x"] = info["x"]
         if len(rows) % 10 == 0:
             write_trajectory(traj_path, rows)
 
@@ -362,7 +364,13 @@ def _steer(predictor, x, steps, schedule, gen, p, e, objective, dps, fk, n_steps
                               solver=scfg.solver, align=bool(scfg.align), progress=bar, callback=on_step)
     except KeyboardInterrupt:
         write_trajectory(traj_path, rows)
-        raise UserError(f"interrupted after {len(rows)} steps; the trajectory so far is in {traj_path}") from None
+        saved = ""
+        if "x" in latest:
+            partial = traj_path.with_name("particles_interrupted.npz")
+            np.savez_compressed(partial, particles=latest["x"].reshape(p, e, *latest["x"].shape[1:]).cpu().numpy(),
+                                step=rows[-1]["step"])
+            saved = f" and the particles at that step in {partial}"
+        raise UserError(f"interrupted after {len(rows)} steps; the trajectory so far is in {traj_path}{saved}") from None
     write_trajectory(traj_path, result.trajectory)
     return result
 

@@ -101,3 +101,24 @@ def test_config_tree_ships_with_the_package():
     for rel in ("run.yaml", "predictor/reference.yaml", "guidance/fk.yaml", "guidance/dps.yaml", "guidance/none.yaml",
                 "sampler/af3.yaml", "observables/density.yaml"):
         assert (root / rel).is_file(), rel
+
+
+def test_interrupted_run_keeps_its_trajectory_and_particles(tmp_path):
+    """Ctrl-C during sampling: the trajectory so far and the particles at the last step are on disk, one-line error."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "guidance.run", "sampler.steps=400", f"hydra.run.dir={tmp_path}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "trajectory.csv").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    assert "interrupted after" in err and "Traceback" not in err
+    import numpy as np
+
+    saved = np.load(tmp_path / "particles_interrupted.npz")
+    assert saved["particles"].ndim == 4 and np.isfinite(saved["particles"]).all()
+    assert len((tmp_path / "trajectory.csv").read_text().splitlines()) > 10
