@@ -121,11 +121,23 @@ class Objective:
             out[t.name].setdefault("log_likelihood", ll if math.isfinite(ll) else None)
         return out
 
-    def ensemble_log_likelihood(self):
-        """A JAX function ``f(coords [E,N,3], weights [E]) -> scalar`` for member-weight refinement."""
-        terms = [(t.observable, float(t.weight)) for t in self.terms]
+    def ensemble_log_likelihood(self, coords: np.ndarray | None = None):
+        """A JAX function ``f(coords [E,N,3], weights [E]) -> scalar`` for member-weight refinement.
+
+        Given the ensemble ``coords`` whose weights will be refined, observables that are linear in the member
+        weights (``member_predictions``) compute their members once; ``f`` then ignores its ``coords`` argument for
+        them (it must be called with that same ensemble)."""
+        fixed = jnp.asarray(coords, dtype=jnp.float32) if coords is not None else None
+        parts = []
+        for t in self.terms:
+            obs, wt = t.observable, float(t.weight)
+            if fixed is not None and hasattr(obs, "member_predictions"):
+                preds = obs.member_predictions(fixed)
+                parts.append(lambda c, w, obs=obs, wt=wt, preds=preds: wt * obs.log_likelihood_from_predictions(preds, w))
+            else:
+                parts.append(lambda c, w, obs=obs, wt=wt: wt * obs.log_likelihood(c, w))
 
         def f(c, w):
-            return sum(wt * obs.log_likelihood(c, w) for obs, wt in terms)
+            return sum(part(c, w) for part in parts)
 
         return f

@@ -306,7 +306,7 @@ def sample(cfg, conf, demo_map, truth, out_dir: Path) -> dict:
     fit = None
     mweights = uniform
     if cfg.weights.refine:
-        fit = refine_weights(objective.ensemble_log_likelihood(), members, uniform, steps=int(cfg.weights.steps),
+        fit = refine_weights(objective.ensemble_log_likelihood(members), members, uniform, steps=int(cfg.weights.steps),
                              learning_rate=float(cfg.weights.learning_rate), entropy=float(cfg.weights.entropy))
         mweights = np.asarray(fit.weights)
         log.info("member weights refined: log-likelihood %.3f -> %.3f, weights %s", fit.log_likelihood_before,

@@ -71,6 +71,11 @@ class Observable(Protocol):
         ...
 
 
+# Optional, for observables whose ensemble prediction is the weighted sum of member predictions (density, SAXS
+# intensities, ...): ``member_predictions(coords) -> [E, ...]`` and ``log_likelihood_from_predictions(predictions,
+# weights) -> scalar``.  Member-weight refinement then computes the members once instead of at every step.
+
+
 Factory = Callable[..., Observable]  # factory(atoms: AtomInfo, **config) -> Observable
 _REGISTRY: dict[str, Factory] = {}
 

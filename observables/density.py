@@ -865,9 +865,19 @@ class DensityObservable:
                 "log_likelihood": -prefactor * (1.0 - jnp.square(jnp.maximum(cc, 0.0))),
             }
 
+        def member_predictions(coords):  # [E, M]: each member's density at the mask voxels
+            one = jnp.ones((1,), coords.dtype)
+            return jax.lax.map(lambda c: kernel.at(c[None], one, mask_index), coords)
+
+        def log_likelihood_from_predictions(predictions, weights):
+            cc, _, _ = correlation(weights @ predictions, obs_centered, obs_var)
+            return -prefactor * (1.0 - jnp.square(jnp.maximum(cc, 0.0)))
+
         self._predict = jax.jit(lambda coords, weights: kernel(coords, weights))
         self._log_likelihood = jax.jit(log_likelihood)
         self._statistics = jax.jit(statistics)
+        self._member_predictions = jax.jit(member_predictions)
+        self._log_likelihood_from_predictions = log_likelihood_from_predictions
 
     def predict(self, coords, weights) -> jnp.ndarray:
         """Model map of the weighted ensemble on the box grid ``[nx, ny, nz]`` (e/A^3 for X-ray, A^-2 for EM)."""
@@ -876,6 +886,15 @@ class DensityObservable:
     def log_likelihood(self, coords, weights) -> jnp.ndarray:
         """Scalar log-likelihood of the map given coords [E, N, 3] (A) and weights [E] (jit-, grad-, vmap-able)."""
         return self._log_likelihood(coords, weights)
+
+    def member_predictions(self, coords) -> jnp.ndarray:
+        """Each member's model density at the mask voxels ``[E, M]``; the ensemble's is ``weights @`` this (the map is
+        linear in the member weights), which makes refining weights of a fixed ensemble cheap."""
+        return self._member_predictions(coords)
+
+    def log_likelihood_from_predictions(self, predictions, weights) -> jnp.ndarray:
+        """``log_likelihood`` from ``member_predictions``: equal to ``log_likelihood(coords, weights)``."""
+        return self._log_likelihood_from_predictions(predictions, weights)
 
     def report(self, coords, weights) -> dict[str, float]:
         """RSCC (CC in the mask), CC over the whole box, fitted scale and offset, and the log-likelihood."""

@@ -480,3 +480,23 @@ def test_non_orthogonal_cell_is_interpolated_onto_an_orthogonal_box(tmp_path):
     assert np.max(np.abs(m.values - expected)) < 0.02
     with pytest.raises(MapError, match="orthogonal"):
         read_map(path)
+
+
+def test_member_predictions_give_the_same_likelihood_as_the_coordinates():
+    """The map is linear in the member weights: the log-likelihood from precomputed member densities equals the
+    direct one for any weights."""
+    rng = np.random.default_rng(3)
+    n = 40
+    elements = np.array(["C", "N", "O", "S"])[rng.integers(0, 4, n)]
+    atoms = AtomInfo(element=elements, atom_name=np.array(["X"] * n), res_name=np.array(["UNK"] * n),
+                     res_seq=np.arange(n), chain_id=np.array(["A"] * n))
+    conf = rng.uniform(0, 12, size=(2, n, 3)).astype(np.float32)
+    atoms_ref = AtomInfo(atoms.element, atoms.atom_name, atoms.res_name, atoms.res_seq, atoms.chain_id, coords=conf)
+    obs = DensityObservable(atoms_ref, map=synthetic_map(atoms, conf, [0.7, 0.3], resolution=2.0), resolution=2.0)
+    members = (conf + rng.normal(scale=0.3, size=conf.shape)).astype(np.float32)
+    preds = obs.member_predictions(jnp.asarray(members))
+    for w in ([0.5, 0.5], [0.9, 0.1], [0.2, 0.8]):
+        w = jnp.asarray(w, dtype=jnp.float32)
+        direct = float(obs.log_likelihood(jnp.asarray(members), w))
+        fast = float(obs.log_likelihood_from_predictions(preds, w))
+        assert fast == pytest.approx(direct, rel=1e-4, abs=1e-3)
