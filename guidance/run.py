@@ -146,7 +146,7 @@ def build_objective(cfg, layout, ref_coords, demo_map: Path | None):
         except (KeyError, TypeError) as exc:
             raise UserError(f"observable {name!r}: {exc}") from exc
         terms.append(Term(name, obs, weight))
-        log.info("observable %s (weight %.3g): %s", name, weight, {k: str(v) for k, v in params.items()})
+        log.info("observable %s (weight %.3g): %s", name, weight, {k: (str(v) if isinstance(v, Path) else v) for k, v in params.items()})
     if not terms:
         raise UserError("no observables selected: use e.g. observables=[density]")
     return terms
