@@ -97,8 +97,9 @@ def prepare_demo(cfg, out_dir: Path) -> tuple[Path, Path]:
     return Path(structure), Path(map_path)
 
 
-def build_predictor(pcfg, conf):
+def build_predictor(cfg, conf):
     """The prior named by ``predictor.name``, built for the input structure ``conf``."""
+    pcfg = cfg.predictor
     name = pcfg.name
     if name == "reference":
         from predictors.reference import ReferencePrior
@@ -121,7 +122,55 @@ def build_predictor(pcfg, conf):
                  [ids[i] for i in idx], np.round(weights / weights.sum(), 3).tolist(), pcfg.tau, pcfg.n_modes)
         return ReferencePrior(conf.layout, conf.coords[idx], weights, tau=float(pcfg.tau), n_modes=int(pcfg.n_modes),
                               mode_rms=float(pcfg.mode_rms), anm_cutoff=float(pcfg.anm_cutoff))
-    raise UserError(f"unknown predictor {name!r}; available: reference")
+    if name in ("boltz1", "boltz2"):
+        return _build_boltz(pcfg, conf, list(cfg.observables or []), int(cfg.seed))
+    raise UserError(f"unknown predictor {name!r}; available: reference, boltz1, boltz2")
+
+
+def _build_boltz(pcfg, conf, observable_names: list[str], seed: int):
+    """Boltz-1/2 loaded from ``predictor.checkpoint`` as Boltz's CLI loads it, conditioned once on the protein
+    chains of the run's structure file."""
+    import torch
+
+    from predictors.boltz import load_boltz, make_denoiser, method_for_observables
+
+    name = pcfg.name
+    if conf.path is None:
+        raise UserError(f"predictor={name} needs a structure file (structure=...) to take its sequences from")
+    if str(pcfg.get("dtype", "float32")) != "float32":
+        raise UserError(f"predictor.dtype={pcfg.dtype}: Boltz predictors run in float32 only")
+    method = None
+    if name == "boltz2":
+        method = pcfg.get("method")
+        if method is None:  # chosen from the data type
+            method = method_for_observables(observable_names)
+    try:
+        model = load_boltz(name, pcfg.checkpoint, device=str(pcfg.get("device", "cpu")),
+                           recycling_steps=int(pcfg.recycling_steps), **_boltz_arch_args(pcfg))
+        predictor = make_denoiser(name, model, conf.path, cache_dir=pcfg.get("cache_dir"), msa=pcfg.get("msa", "none"),
+                                  recycling_steps=int(pcfg.recycling_steps), method=method,
+                                  seed=seed, dtype=torch.float32)
+    except (FileNotFoundError, ValueError) as exc:
+        raise UserError(str(exc)) from exc
+    log.info("%s: %s, %d chains %s, %d atoms (%d padded), %d recycling steps, msa %s%s", name, pcfg.checkpoint,
+             len(predictor.sequences), list(predictor.sequences), len(predictor.layout), predictor.n_padded,
+             int(pcfg.recycling_steps), pcfg.get("msa", "none"), f", method {method!r}" if name == "boltz2" else "")
+    if predictor.approximate_conformers:
+        log.warning("%s: no Boltz component files in cache_dir=%s: reference conformers built with RDKit are "
+                    "approximate (run `boltz predict` once to download them)", name, pcfg.get("cache_dir"))
+    return predictor
+
+
+def _boltz_arch_args(pcfg) -> dict:
+    """Optional ``predictor.pairformer_args`` / ``predictor.msa_args`` overrides (for non-released architectures,
+    e.g. tiny test models); absent = Boltz's CLI defaults."""
+    from omegaconf import OmegaConf
+
+    out = {}
+    for key in ("pairformer_args", "msa_args"):
+        if pcfg.get(key) is not None:
+            out[key] = OmegaConf.to_container(pcfg[key], resolve=True)
+    return out
 
 
 def build_objective(cfg, layout, ref_coords, demo_map: Path | None):
@@ -257,7 +306,7 @@ def sample(cfg, conf, demo_map, truth, out_dir: Path) -> dict:
     from guidance.structure import match_layouts, write_ensemble_cif
     from guidance.weights import refine_weights
 
-    predictor = build_predictor(cfg.predictor, conf)
+    predictor = build_predictor(cfg, conf)
     match = match_layouts(conf.layout, predictor.layout)
     if match.missing_in_src:
         log.warning("%d predictor atoms are not in the structure (e.g. %s)", len(match.missing_in_src),
@@ -276,6 +325,7 @@ def sample(cfg, conf, demo_map, truth, out_dir: Path) -> dict:
     augmentation = (bool(getattr(predictor, "needs_augmentation", False)) if scfg.augmentation == "auto"
                     else bool(scfg.augmentation))
     align_to_input = bool(getattr(predictor, "needs_alignment", False))
+    align_step = align_to_input if scfg.align == "auto" else bool(scfg.align)
     ref_frame = torch.as_tensor(ref_coords[0]) if align_to_input else None
     objective = Objective(terms, n_members=e, reference=ref_frame, align=align_to_input)
 
@@ -291,7 +341,7 @@ def sample(cfg, conf, demo_map, truth, out_dir: Path) -> dict:
     log.info("sampling: guidance=%s, %d particle(s) x %d member(s), %d steps from sigma %.3g A, solver %s",
              gcfg.method, p, e, len(steps), steps[0].sigma, scfg.solver)
     result = _steer(predictor, x, steps, schedule, gen, p, e, objective if gcfg.method != "none" else None, dps, fk,
-                    n_steps, augmentation, scfg, gcfg.method, out_dir / "trajectory.csv")
+                    n_steps, augmentation, align_step, scfg, gcfg.method, out_dir / "trajectory.csv")
 
     particles = result.particles.detach().cpu().numpy()
     if not np.isfinite(particles).all():
@@ -339,7 +389,7 @@ def sample(cfg, conf, demo_map, truth, out_dir: Path) -> dict:
     return metrics
 
 
-def _steer(predictor, x, steps, schedule, gen, p, e, objective, dps, fk, n_steps, augmentation, scfg, method,
+def _steer(predictor, x, steps, schedule, gen, p, e, objective, dps, fk, n_steps, augmentation, align, scfg, method,
            traj_path: Path):
     """fk.steer with a progress bar and the trajectory written as it goes (every 10 steps, and on interruption)."""
     from tqdm.auto import tqdm
@@ -361,7 +411,7 @@ def _steer(predictor, x, steps, schedule, gen, p, e, objective, dps, fk, n_steps
     try:
         result = fk_mod.steer(predictor.denoise, x, steps, schedule, gen, n_particles=p, n_members=e,
                               objective=objective, dps=dps, fk=fk, n_steps_total=n_steps, augmentation=augmentation,
-                              solver=scfg.solver, align=bool(scfg.align), progress=bar, callback=on_step)
+                              solver=scfg.solver, align=align, progress=bar, callback=on_step)
     except KeyboardInterrupt:
         write_trajectory(traj_path, rows)
         saved = ""
