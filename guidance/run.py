@@ -311,6 +311,9 @@ def sample(cfg, conf, demo_map, truth, out_dir: Path) -> dict:
     if match.missing_in_src:
         log.warning("%d predictor atoms are not in the structure (e.g. %s)", len(match.missing_in_src),
                     match.missing_in_src[:3])
+    if match.missing_in_dst:
+        log.warning("%d structure atoms are not modelled by the predictor (e.g. %s)", len(match.missing_in_dst),
+                    match.missing_in_dst[:3])
     ref_coords = np.zeros((len(conf.ids), len(predictor.layout), 3), np.float32)
     ref_coords[:, match.dst_index] = conf.coords[:, match.src_index]
     terms = build_objective(cfg, predictor.layout, ref_coords, demo_map)
@@ -367,6 +370,11 @@ def sample(cfg, conf, demo_map, truth, out_dir: Path) -> dict:
         "observables_before_weight_refinement": objective.reports(members, uniform),
         "ensemble": {"size": e, "weights": mweights, "particle": best},
         "geometry": geometry_report(predictor.layout, members),
+        "predictor": {
+            "name": cfg.predictor.name, "atoms": n_atoms,
+            "unmatched_atoms": {"not_in_structure": [list(k) for k in match.missing_in_src],
+                                "not_in_predictor": [list(k) for k in match.missing_in_dst]},
+        },
         "sampling": {
             "guidance": gcfg.method, "particles": p, "steps": len(steps), "particle_weights": pw,
             "particle_log_likelihood": final_ll.detach().cpu().numpy(),

@@ -332,6 +332,8 @@ def test_ensemble_guide_runs_with_a_boltz2_checkpoint(e2e_inputs, tmp_path, meth
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["ensemble"]["size"] == 2 and "density" in metrics["observables"]
+    # the demo peptide has every heavy atom Boltz models (no OXT): nothing unmatched either way
+    assert metrics["predictor"]["unmatched_atoms"] == {"not_in_structure": [], "not_in_predictor": []}
     log = (out / "run.log").read_text()
     assert "boltz2" in log and "x-ray diffraction" in log and "approximate" in log
 

@@ -35,6 +35,7 @@ def test_demo_writes_the_output_contract(demo_runs):
     for key in ("observables", "ensemble", "geometry", "reference", "runtime_s", "config"):
         assert key in metrics
     assert abs(sum(metrics["ensemble"]["weights"]) - 1.0) < 1e-6
+    assert metrics["predictor"]["unmatched_atoms"] == {"not_in_structure": [], "not_in_predictor": []}
     assert set(metrics["reference"]["altlocs"]) == {"A", "B"}
     header = (d / "trajectory.csv").read_text().splitlines()[0].split(",")
     assert {"step", "sigma", "loglik_density", "ess"} <= set(header)
