@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from guidance.bridge import value_and_grad
+from guidance.bridge import jax_to_torch, torch_to_jax, value_and_grad
 from guidance.sampler import kabsch_align
 
 
@@ -77,12 +77,7 @@ class Objective:
         if not self.align:
             return x, None
         ref = self.reference.to(x).expand_as(x)
-        aligned = kabsch_align(x, ref)
-        # rotation of each member (aligned - mean = (x - mean) @ R), recovered by least squares for the gradient
-        xc = x - x.mean(1, keepdim=True)
-        ac = aligned - aligned.mean(1, keepdim=True)
-        rot = torch.linalg.lstsq(xc.double(), ac.double()).solution.to(x.dtype)
-        return aligned, rot
+        return kabsch_align(x, ref, return_rotation=True)  # aligned = (x - mean) @ R + ref mean
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         x = x.detach()
@@ -103,8 +98,6 @@ class Objective:
         b, n, _ = x.shape
         p = b // self.n_members
         xf, _ = self._frame(x)
-        from guidance.bridge import jax_to_torch, torch_to_jax
-
         total, values = self._batched(torch_to_jax(xf.reshape(p, self.n_members, n, 3).contiguous()), self.member_weights)
         values = jax_to_torch(values)
         return jax_to_torch(total), {name: values[:, k] for k, name in enumerate(self.names)}

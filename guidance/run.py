@@ -58,6 +58,13 @@ def write_trajectory(path: Path, rows: list[dict]) -> Path:
     return atomic_write(path, buf.getvalue())
 
 
+def write_npz(path: Path, **arrays) -> Path:
+    """A compressed .npz written atomically."""
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    return atomic_write(path, buf.getvalue())
+
+
 def _jsonable(obj):
     if isinstance(obj, dict):
         return {str(k): _jsonable(v) for k, v in obj.items()}
@@ -389,9 +396,7 @@ def sample(cfg, conf, demo_map, truth, out_dir: Path) -> dict:
     write_ensemble_cif(out_dir / "ensemble.cif", predictor.layout, members, mweights,
                        metadata={"guidance": gcfg.method, "seed": int(cfg.seed)})
     if cfg.output.particles:
-        tmp = out_dir / ".particles.tmp.npz"
-        np.savez_compressed(tmp, particles=particles, weights=pw)
-        os.replace(tmp, out_dir / "particles.npz")
+        write_npz(out_dir / "particles.npz", particles=particles, weights=pw)
     if cfg.output.plots:
         _plots(out_dir / "plots", result.trajectory, objective, members, uniform, mweights, fit is not None)
     return metrics
@@ -425,7 +430,7 @@ def _steer(predictor, x, steps, schedule, gen, p, e, objective, dps, fk, n_steps
         saved = ""
         if "x" in latest:
             partial = traj_path.with_name("particles_interrupted.npz")
-            np.savez_compressed(partial, particles=latest["x"].reshape(p, e, *latest["x"].shape[1:]).cpu().numpy(),
+            write_npz(partial, particles=latest["x"].reshape(p, e, *latest["x"].shape[1:]).cpu().numpy(),
                                 step=rows[-1]["step"])
             saved = f" and the particles at that step in {partial}"
         raise UserError(f"interrupted after {len(rows)} steps; the trajectory so far is in {traj_path}{saved}") from None

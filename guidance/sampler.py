@@ -130,9 +130,11 @@ def augment(x: torch.Tensor, generator: torch.Generator, *, translation_std: flo
     return (out, rot) if return_rotation else out
 
 
-def kabsch_align(mobile: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+def kabsch_align(mobile: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None, *,
+                 return_rotation: bool = False):
     """Rigidly superpose each ``mobile[b]`` onto ``target[b]`` (weighted Kabsch, proper rotations), no gradient
-    through the fit.  Shapes [B, N, 3]; ``weights`` [N] or [B, N]."""
+    through the fit.  Shapes [B, N, 3]; ``weights`` [N] or [B, N].  With ``return_rotation`` also return the
+    rotations R [B, 3, 3] (aligned = (mobile - centre) @ R + target centre), e.g. to rotate gradients back."""
     with torch.no_grad():
         if weights is None:
             weights = torch.ones(mobile.shape[:2], dtype=mobile.dtype, device=mobile.device)
@@ -146,7 +148,8 @@ def kabsch_align(mobile: torch.Tensor, target: torch.Tensor, weights: torch.Tens
         diag[:, -1] = d
         rot = (u * diag[:, None, :]) @ vt  # maps mobile -> target as x @ rot
         rot = rot.to(mobile.dtype)
-    return (mobile - mu_m) @ rot + mu_t
+    aligned = (mobile - mu_m) @ rot + mu_t
+    return (aligned, rot) if return_rotation else aligned
 
 
 def sample(

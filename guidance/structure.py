@@ -411,11 +411,11 @@ def _asym_name(n: int) -> str:
     return name
 
 
-def atomic_write(path: Path, text: str) -> Path:
+def atomic_write(path: Path, text: str | bytes) -> Path:
     """Write ``text`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = text.encode()
+    data = text if isinstance(text, bytes) else text.encode()
     if path.name.lower().endswith(".gz"):
         data = gzip.compress(data, mtime=0)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
