@@ -80,7 +80,7 @@ def cap_per_atom(d: torch.Tensor, max_norm: float) -> torch.Tensor:
     return d * torch.clamp(max_norm / (norm + 1e-12), max=1.0)
 
 
-def refine_x0(x0_hat: torch.Tensor, objective: Callable, steps: int, lr: float) -> torch.Tensor:
+def refine_x0(x0_hat: torch.Tensor, objective: Callable, steps: int, lr: float, t: float = 0.0) -> torch.Tensor:
     """A few optax Adam ascent steps on the log-likelihood starting at x0_hat (all particles at once)."""
     import jax.numpy as jnp
     import optax
@@ -91,7 +91,7 @@ def refine_x0(x0_hat: torch.Tensor, objective: Callable, steps: int, lr: float) 
     params = torch_to_jax(x0_hat)
     state = opt.init(params)
     for _ in range(steps):
-        _, grad, _ = objective(jax_to_torch(params))
+        _, grad, _ = objective(jax_to_torch(params), t=t)
         grad = torch.nan_to_num(grad)
         updates, state = opt.update(-torch_to_jax(grad.contiguous()), state, params)
         params = optax.apply_updates(params, updates)

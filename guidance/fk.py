@@ -202,8 +202,9 @@ def steer(
 
         row = {"step": step.index, "sigma": step.sigma, "t_hat": step.t_hat}
         total = grad = None
+        steering_t = 1.0 - step.index / n_total  # time-dependent potentials: 1 at the start, 0 at the final sample
         if objective is not None and (fk is not None or lam_dps > 0):
-            total, grad, terms = objective(x0_hat.detach())
+            total, grad, terms = objective(x0_hat.detach(), t=steering_t)
             for name, v in terms.items():
                 row[f"loglik_{name}"] = float(_weighted_mean(v, state.log_weights))
             finite = torch.isfinite(total) & torch.isfinite(grad.reshape(p, -1)).all(-1)
@@ -232,7 +233,8 @@ def steer(
         drift = None
         if dps is not None and lam_dps > 0 and grad is not None:
             if dps.inner_steps > 0:
-                refined = dps_mod.refine_x0(x0_hat.detach(), objective, dps.inner_steps, dps.inner_lr)
+                refined = dps_mod.refine_x0(x0_hat.detach(), objective, dps.inner_steps, dps.inner_lr,
+                                            t=steering_t)
                 d = euler_step(x_hat, refined, step, schedule.step_scale) - euler_step(x_hat, x0_hat.detach(), step, schedule.step_scale)
                 drift = dps_mod.cap_per_atom(d, dps.max_step) if torch.isfinite(d).all() else None
             else:

@@ -2,6 +2,12 @@
 in one batch (``jax.vmap`` over particles), handed to torch through the dlpack bridge.
 
     log L(particle p) = sum_o  w_o * observable_o.log_likelihood(coords[p] [E, N, 3], member_weights [E])
+                        - sum_k  w_k * sum_members E_k(coords[p, m], t)
+
+The second sum is optional prior-side potentials (``PotentialTerm``): torch energies of single structures, such as
+Boltz's physical steering potentials, that tilt every member by exp(-w E).  They may depend on the steering time
+``t`` (1 at the first step, 0 at the final sample, as Boltz's own schedules use it) and are evaluated in the
+predictor's frame (they are invariant under rigid motions), with their gradients from torch autograd.
 
 Predictors that do not live in the data's frame (trained with random rotations) are first superposed onto the
 input structure (``reference``): each member is rigidly fitted, evaluated there, and its gradient rotated back.
@@ -11,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -29,8 +35,19 @@ class Term:
     weight: float = 1.0
 
 
+@dataclass(frozen=True)
+class PotentialTerm:
+    """A prior-side energy on single structures: ``energy_and_grad(x [B, N, 3], t) -> (E [B], dE/dx [B, N, 3],
+    {part: E_part [B]})`` (torch).  It enters the log-likelihood as -weight * E summed over the members."""
+
+    name: str
+    energy_and_grad: Callable
+    weight: float = 1.0
+
+
 class Objective:
-    """Callable on torch coordinates ``[P*E, N, 3]`` -> ``(total [P], grad [P*E, N, 3], terms {name: [P]})``."""
+    """Callable on torch coordinates ``[P*E, N, 3]`` (and the steering time ``t``) ->
+    ``(total [P], grad [P*E, N, 3], terms {name: [P]})``."""
 
     def __init__(
         self,
@@ -40,11 +57,16 @@ class Objective:
         *,
         reference: torch.Tensor | None = None,
         align: bool = False,
+        potentials: Sequence[PotentialTerm] = (),
     ):
         if not terms:
             raise ValueError("an objective needs at least one observable")
         self.terms = list(terms)
+        self.potentials = list(potentials)
         self.names = [t.name for t in self.terms]
+        clash = set(self.names) & {p.name for p in self.potentials}
+        if clash:
+            raise ValueError(f"potential name(s) {sorted(clash)} also used by an observable")
         self.n_members = n_members
         w = np.full(n_members, 1.0 / n_members) if member_weights is None else np.asarray(member_weights, float)
         self.member_weights = jnp.asarray(w / w.sum(), dtype=jnp.float32)
@@ -79,7 +101,7 @@ class Objective:
         ref = self.reference.to(x).expand_as(x)
         return kabsch_align(x, ref, return_rotation=True)  # aligned = (x - mean) @ R + ref mean
 
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    def __call__(self, x: torch.Tensor, t: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         x = x.detach()
         b, n, _ = x.shape
         p = b // self.n_members
@@ -90,9 +112,15 @@ class Objective:
         if rot is not None:
             grad = grad @ rot.transpose(-1, -2)
         terms = {name: values[:, k] for k, name in enumerate(self.names)}
+        for pot in self.potentials:
+            energy, d_energy, _ = pot.energy_and_grad(x, t)
+            log_factor = -pot.weight * energy.to(total.dtype).reshape(p, self.n_members).sum(1)
+            total = total + log_factor
+            grad = grad - pot.weight * d_energy.to(grad.dtype)
+            terms[pot.name] = log_factor
         return total, grad, terms
 
-    def value(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def value(self, x: torch.Tensor, t: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Log-likelihood without the gradient."""
         x = x.detach()
         b, n, _ = x.shape
@@ -100,7 +128,26 @@ class Objective:
         xf, _ = self._frame(x)
         total, values = self._batched(torch_to_jax(xf.reshape(p, self.n_members, n, 3).contiguous()), self.member_weights)
         values = jax_to_torch(values)
-        return jax_to_torch(total), {name: values[:, k] for k, name in enumerate(self.names)}
+        total = jax_to_torch(total)
+        terms = {name: values[:, k] for k, name in enumerate(self.names)}
+        for pot in self.potentials:
+            with torch.no_grad():
+                energy, _, _ = pot.energy_and_grad(x, t)
+            terms[pot.name] = -pot.weight * energy.to(total.dtype).reshape(p, self.n_members).sum(1)
+            total = total + terms[pot.name]
+        return total, terms
+
+    def potential_reports(self, coords: np.ndarray, t: float = 0.0) -> dict[str, dict[str, float]]:
+        """Each potential's energy for one ensemble ``coords [E, N, 3]``: mean over members of the total and of each
+        part, and the log-factor it contributes (-weight * sum over members)."""
+        x = torch.as_tensor(np.asarray(coords, dtype=np.float32))
+        out = {}
+        for pot in self.potentials:
+            energy, _, parts = pot.energy_and_grad(x, t)
+            out[pot.name] = {"energy_mean": float(energy.mean()), "weight": pot.weight,
+                             "log_factor": float(-pot.weight * energy.sum()),
+                             **{f"{k}_mean": float(v.mean()) for k, v in parts.items()}}
+        return out
 
     def reports(self, coords: np.ndarray, weights: np.ndarray) -> dict[str, dict[str, float]]:
         """Each observable's report for one ensemble ``coords [E, N, 3]`` with member ``weights [E]``."""

@@ -208,6 +208,29 @@ def build_objective(cfg, layout, ref_coords, demo_map: Path | None):
     return terms
 
 
+def build_potentials(cfg, predictor) -> list:
+    """The prior-side potentials selected in ``cfg.potentials`` (e.g. ``potentials=[boltz]``), built for ``predictor``."""
+    from guidance.objective import PotentialTerm
+    from omegaconf import OmegaConf
+
+    out = []
+    for name in cfg.get("potentials") or {}:
+        params = OmegaConf.to_container(cfg.potentials[name], resolve=True)
+        weight = float(params.pop("weight", 1.0))
+        if name != "boltz":
+            raise UserError(f"unknown potential {name!r}; available: boltz")
+        if not callable(getattr(predictor, "potentials", None)):
+            raise UserError(f"potentials=[boltz] needs a Boltz predictor (predictor=boltz1 or boltz2), "
+                            f"not predictor={cfg.predictor.name}")
+        try:
+            pot = predictor.potentials(params.get("terms"))
+        except ValueError as exc:
+            raise UserError(f"potentials.boltz.terms: {exc}") from exc
+        out.append(PotentialTerm(name, pot.energy_and_grad, weight))
+        log.info("potential boltz (weight %.3g): Boltz steering energies %s", weight, pot.names)
+    return out
+
+
 def _schedule(predictor, scfg):
     overrides = {k: float(scfg[k]) for k in ("sigma_max", "sigma_min", "rho", "gamma_0", "gamma_min", "noise_scale",
                                              "step_scale") if scfg.get(k) is not None}
@@ -292,6 +315,8 @@ def score(cfg, conf, demo_map, truth) -> dict:
     from guidance.objective import Objective
 
     terms = build_objective(cfg, conf.layout, conf.coords, demo_map)
+    if cfg.get("potentials"):
+        log.warning("mode=score builds no predictor: potentials %s are not evaluated", list(cfg.potentials))
     objective = Objective(terms, n_members=len(conf.ids), member_weights=conf.weights)
     members, mweights = conf.coords, np.asarray(conf.weights)
     metrics = {"observables": objective.reports(members, mweights),
@@ -337,7 +362,8 @@ def sample(cfg, conf, demo_map, truth, out_dir: Path) -> dict:
     align_to_input = bool(getattr(predictor, "needs_alignment", False))
     align_step = align_to_input if scfg.align == "auto" else bool(scfg.align)
     ref_frame = torch.as_tensor(ref_coords[0]) if align_to_input else None
-    objective = Objective(terms, n_members=e, reference=ref_frame, align=align_to_input)
+    objective = Objective(terms, n_members=e, reference=ref_frame, align=align_to_input,
+                          potentials=build_potentials(cfg, predictor))
 
     steps = plan(schedule, n_steps, start_step=int(scfg.start_step))
     gen = torch.Generator().manual_seed(int(cfg.seed))
@@ -376,6 +402,7 @@ def sample(cfg, conf, demo_map, truth, out_dir: Path) -> dict:
         "observables": objective.reports(members, mweights),
         "observables_before_weight_refinement": objective.reports(members, uniform),
         "ensemble": {"size": e, "weights": mweights, "particle": best},
+        "potentials": objective.potential_reports(members),
         "geometry": geometry_report(predictor.layout, members),
         "predictor": {
             "name": cfg.predictor.name, "atoms": n_atoms,

@@ -32,6 +32,7 @@ __all__ = [
     "Boltz1Denoiser",
     "Boltz2Denoiser",
     "BoltzDenoiser",
+    "BoltzPotentials",
     "boltz_schedule",
     "load_boltz",
     "make_denoiser",
@@ -463,6 +464,12 @@ class BoltzDenoiser:
     def _network(self, x, sigma, batch):
         raise NotImplementedError
 
+    # -- steering potentials -----------------------------------------------------------------------------------------
+
+    def potentials(self, names=None) -> "BoltzPotentials":
+        """Boltz's physical steering potentials on this input (all of them by default): see BoltzPotentials."""
+        return BoltzPotentials(self, names)
+
 
 def _atom_name(raw) -> str:
     if isinstance(raw, (np.ndarray, list, tuple)):  # Boltz-1 stores names as 4 int8 (ord(c) - 32)
@@ -529,6 +536,82 @@ class Boltz2Denoiser(BoltzDenoiser):
         sm = self.model.structure_module
         return sm.preconditioned_network_forward(x, sigma, network_condition_kwargs=dict(self.condition,
                                                                                           multiplicity=batch))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Boltz's physical steering potentials
+# ---------------------------------------------------------------------------------------------------------------------
+
+# Our names for the potentials ``boltz.model.potentials.potentials.get_potentials`` builds for FK steering / physical
+# guidance (the contact and template potentials need inference constraints and templates, which we do not use).
+POTENTIAL_NAMES = {
+    "SymmetricChainCOMPotential": "chain_com",  # identical chains' centres of mass kept apart (flat bottom)
+    "VDWOverlapPotential": "vdw_overlap",  # inter-chain van der Waals overlap (clashes)
+    "ConnectionsPotential": "connections",  # covalent connections between chains/residues (bond length <= 2 A)
+    "PoseBustersPotential": "posebusters",  # RDKit distance-geometry bounds: bonds, angles, intra-ligand clashes
+    "ChiralAtomPotential": "chiral",  # chiral centres' improper dihedral sign
+    "StereoBondPotential": "stereo_bond",  # E/Z double-bond dihedrals
+    "PlanarBondPotential": "planar_bond",  # planarity around double bonds
+}
+
+
+class BoltzPotentials:
+    """Boltz's own physical steering energies on this denoiser's input, as a differentiable torch function of the
+    real atoms' coordinates.
+
+    ``energy(x [B, N, 3], t)`` -> (E [B], {name: E_name [B]}): the sum over the selected potentials of Boltz's
+    ``resampling_weight(t) * potential.compute(...)`` -- exactly the energy Boltz's FK steering resamples on (flat-
+    bottom violations in A or rad, dimensionless weights) -- with ``t`` Boltz's steering time (1 at the start of the
+    run, 0 at the end; its schedules switch some terms off late).  ``energy_and_grad`` adds dE/dx by autograd through
+    Boltz's ``compute``: the exact gradient of the energy that is weighed.  (Boltz's own ``compute_gradient`` agrees
+    for the clash term but spreads the chain-COM gradient unscaled over each chain's atoms; its COM is
+    ``scatter_reduce("mean")`` including the zero it starts from, sum / (n + 1), so the exact per-atom gradient is
+    1 / (n + 1) of Boltz's.  tests/test_boltz.py checks both relations.)
+    """
+
+    def __init__(self, denoiser: "BoltzDenoiser", names=None):
+        from boltz.model.potentials.potentials import get_potentials
+
+        steering = {"fk_steering": True, "physical_guidance_update": False, "contact_guidance_update": False}
+        built = {POTENTIAL_NAMES[type(p).__name__]: p
+                 for p in get_potentials(steering, boltz2=denoiser.family == "boltz2")
+                 if type(p).__name__ in POTENTIAL_NAMES}
+        names = list(built) if names is None else [str(n) for n in names]
+        unknown = [n for n in names if n not in built]
+        if unknown:
+            raise ValueError(f"unknown Boltz potential(s) {unknown}; available: {', '.join(built)}")
+        self.names = names
+        self.potentials = {n: built[n] for n in names}
+        self.denoiser = denoiser
+        self.feats = denoiser.feats
+
+    def _pad(self, x: torch.Tensor) -> torch.Tensor:
+        d = self.denoiser
+        real = d._real.to(x.device)
+        return x.new_zeros(x.shape[0], d.n_padded, 3).index_copy(1, real, x)
+
+    def energy(self, x: torch.Tensor, t: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        n = len(self.denoiser.layout)
+        if x.ndim != 3 or x.shape[1:] != (n, 3):
+            raise ValueError(f"x must have shape [B, {n}, 3], got {tuple(x.shape)}")
+        xp = self._pad(x.float())
+        parts = {}
+        for name, pot in self.potentials.items():
+            params = pot.compute_parameters(float(t))
+            weight = float(params["resampling_weight"])
+            parts[name] = weight * pot.compute(xp, self.feats, params) if weight > 0 else xp.new_zeros(x.shape[0])
+        total = sum(parts.values()) if parts else xp.new_zeros(x.shape[0])
+        return total.to(x.dtype), {k: v.detach().to(x.dtype) for k, v in parts.items()}
+
+    def energy_and_grad(self, x: torch.Tensor, t: float = 0.0):
+        """(E [B], dE/dx [B, N, 3], {name: E_name [B]})."""
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            total, parts = self.energy(xg, t)
+            grad = torch.autograd.grad(total.sum(), xg, allow_unused=True)[0] if total.requires_grad else None
+        if grad is None:
+            grad = torch.zeros_like(x)
+        return total.detach(), torch.nan_to_num(grad), parts
 
 
 def make_denoiser(family: str, model, input, **kwargs) -> BoltzDenoiser:

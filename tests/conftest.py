@@ -1,5 +1,7 @@
 """Shared test settings."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -12,3 +14,20 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    """``shared_data("saxs/lysozyme/lyzexp.dat")`` -> the path under ../shared/data, or skip the test with the reason
+    (the shared data folder sits beside the checkout; it is not part of a fresh clone)."""
+
+    def get(relpath: str):
+        path = SHARED_DATA / relpath
+        if not path.exists():
+            pytest.skip(f"reference data not found: {path} (../shared/data is not part of a fresh clone)")
+        return path
+
+    return get

@@ -323,7 +323,7 @@ def test_ensemble_guide_runs_with_a_boltz2_checkpoint(e2e_inputs, tmp_path, meth
     args = ["predictor=boltz2", f"predictor.checkpoint={ckpt}", f"predictor.cache_dir={root / 'no_cache'}",
             "predictor.recycling_steps=0", f"+predictor.pairformer_args={{{pair}}}", f"+predictor.msa_args={{{msa}}}",
             f"structure={structure}", f"observables.density.map={map_path}", f"guidance={method}",
-            "sampler.steps=5", "ensemble_size=2", "output.plots=false", f"hydra.run.dir={out}"]
+            "sampler.steps=5", "ensemble_size=2", "output.plots=false", f"hydra.run.dir={out}", "potentials=[boltz]"]
     if method == "fk":
         args.append("guidance.particles=2")
     proc = subprocess.run([sys.executable, "-m", "guidance.run", *args], capture_output=True, text=True, timeout=120)
@@ -336,6 +336,102 @@ def test_ensemble_guide_runs_with_a_boltz2_checkpoint(e2e_inputs, tmp_path, meth
     assert metrics["predictor"]["unmatched_atoms"] == {"not_in_structure": [], "not_in_predictor": []}
     log = (out / "run.log").read_text()
     assert "boltz2" in log and "x-ray diffraction" in log and "approximate" in log
+    # Boltz's steering energies took part (one chain: no inter-chain clash or chain-COM energy, so they are zero)
+    assert "potential boltz" in log and metrics["potentials"]["boltz"]["energy_mean"] == 0.0
+    assert "loglik_boltz" in (out / "trajectory.csv").read_text().splitlines()[0]
+
+
+def _clashing_chains(denoiser, shift=0.0):
+    """Chains laid out along x, 6 A apart per residue; chain B moved onto chain A by ``shift`` A."""
+    lay = denoiser.layout
+    x = np.zeros((len(lay), 3), np.float32)
+    for c, chain in enumerate(["A", "B", "C"]):
+        m = lay.chain_id == chain
+        x[m, 0] = np.arange(m.sum()) * 0.6
+        x[m, 1] = 20.0 * c
+    x[lay.chain_id == "B", 1] -= shift
+    return torch.as_tensor(x)[None]
+
+
+@FAMILIES
+def test_boltz_potentials_are_boltzs_fk_energy_with_exact_gradient(denoisers, family):
+    """The energy is Boltz's own resampling-weighted sum; its gradient is the exact derivative (finite differences),
+    equal to Boltz's analytic gradient for the clash term and to Boltz's chain-COM gradient divided by (the chain's
+    atom count + 1) (Boltz spreads the COM gradient unscaled over the atoms)."""
+    d = denoisers[family]
+    pots = d.potentials()
+    assert {"vdw_overlap", "chain_com", "connections"} <= set(pots.names)
+    gen = torch.Generator().manual_seed(1)
+    x = _clashing_chains(d, shift=19.0) + 0.3 * torch.randn(1, len(d.layout), 3, generator=gen)
+    x[0, d.layout.chain_id == "C", 1] = 1.0  # chains A and C (one entity) with nearly the same centre of mass
+    t = 0.5
+    energy, grad, parts = pots.energy_and_grad(x, t)
+    assert parts["vdw_overlap"] > 0 and parts["chain_com"] > 0
+    xp = pots._pad(x)
+    expected = 0.0
+    for name, pot in pots.potentials.items():
+        params = pot.compute_parameters(t)
+        expected += params["resampling_weight"] * float(pot.compute(xp, d.feats, params)[0])
+    assert float(energy[0]) == pytest.approx(expected, rel=1e-6)
+    # finite differences on a few coordinates (the energy is piecewise linear: central differences are exact
+    # away from the kinks)
+    xd = x.double()
+    for atom, k in [(int(np.flatnonzero(d.layout.chain_id == "B")[3]), 1), (0, 0), (5, 2)]:
+        h = 1e-3
+        plus, minus = xd.clone(), xd.clone()
+        plus[0, atom, k] += h
+        minus[0, atom, k] -= h
+        fd = (float(pots.energy(plus.float(), t)[0][0]) - float(pots.energy(minus.float(), t)[0][0])) / (2 * h)
+        assert fd == pytest.approx(float(grad[0, atom, k]), abs=2e-2, rel=2e-2)
+    real = d._real
+    vdw, com = pots.potentials["vdw_overlap"], pots.potentials["chain_com"]
+    g_vdw = vdw.compute_gradient(xp, d.feats, vdw.compute_parameters(t))[:, real]
+    _, g_ours, _ = d.potentials(["vdw_overlap"]).energy_and_grad(x, t)
+    w_vdw = vdw.compute_parameters(t)["resampling_weight"]
+    assert torch.allclose(g_ours, w_vdw * g_vdw, atol=1e-5)
+    g_com = com.compute_gradient(xp, d.feats, com.compute_parameters(t))[:, real]
+    _, g_ours, _ = d.potentials(["chain_com"]).energy_and_grad(x, t)
+    sizes = torch.as_tensor([float((d.layout.chain_id == c).sum()) for c in d.layout.chain_id])
+    w_com = com.compute_parameters(t)["resampling_weight"]
+    # Boltz's centre of mass is scatter_reduce("mean") with include_self: sum / (n + 1), so d COM / d x = 1 / (n + 1)
+    assert torch.allclose(g_ours * (sizes + 1)[None, :, None], w_com * g_com, atol=1e-5)
+
+
+def test_boltz_potential_term_tilts_the_objective_and_its_gradient_separates_clashing_chains(denoisers):
+    """In the objective the potential adds -weight * (sum over members of E) to each particle's log-likelihood; a
+    few ascent steps along the objective's gradient pull overlapping chains apart."""
+    from guidance.objective import Objective, PotentialTerm, Term
+    from observables.base import AtomInfo
+    from observables.linear import LinearGaussian
+
+    d = denoisers["boltz2"]
+    n = len(d.layout)
+    obs = LinearGaussian(AtomInfo.from_layout(d.layout), np.zeros((1, 3 * n)), np.zeros(1), noise=1.0)
+    pots = d.potentials(["vdw_overlap"])
+    weight = 2.0
+    objective = Objective([Term("flat", obs)], n_members=2, potentials=[PotentialTerm("boltz", pots.energy_and_grad,
+                                                                                       weight)])
+    x = torch.cat([_clashing_chains(d, shift=19.0), _clashing_chains(d, shift=0.0)])  # member 2 has no clash
+    total, grad, terms = objective(x, t=0.0)
+    e, _ = pots.energy(x, 0.0)
+    assert e[0] > 0 and e[1] == 0
+    assert float(terms["boltz"][0]) == pytest.approx(-weight * float(e.sum()), rel=1e-6)
+    assert float(total[0]) == pytest.approx(float(terms["flat"][0] + terms["boltz"][0]), rel=1e-6)
+    value, _ = objective.value(x, t=0.0)
+    assert float(value[0]) == pytest.approx(float(total[0]), rel=1e-6)
+    y = x.clone()
+    for _ in range(150):
+        _, grad, _ = objective(y, t=0.0)
+        y = y + 0.05 * grad
+    after, _ = pots.energy(y, 0.0)
+    assert float(after[0]) < 0.5 * float(e[0])
+    reports = objective.potential_reports(x.numpy())
+    assert reports["boltz"]["energy_mean"] == pytest.approx(float(e.mean()), rel=1e-6)
+
+
+def test_unknown_boltz_potential_is_named(denoisers):
+    with pytest.raises(ValueError, match="unknown Boltz potential.*available"):
+        denoisers["boltz1"].potentials(["clash"])
 
 
 @FAMILIES

@@ -119,9 +119,9 @@ class CountingObjective:
         self.calls: list[tuple] = []
         self.value_calls: list[tuple] = []
 
-    def __call__(self, x):
+    def __call__(self, x, t=0.0):
         self.calls.append(tuple(x.shape))
-        return self.objective(x)
+        return self.objective(x, t=t)
 
     def value(self, x):
         self.value_calls.append(tuple(x.shape))

@@ -71,6 +71,7 @@ def test_score_mode_evaluates_the_deposited_mixture(demo_runs, tmp_path):
         (["structure=/nonexistent/model.pdb"], "model.pdb"),
         (["no_such_option=3"], "no_such_option"),
         (["guidance=nonsense"], "nonsense"),
+        (["potentials=[boltz]"], "needs a Boltz predictor"),
     ],
 )
 def test_bad_input_gives_one_clear_line(tmp_path, args, needle):
