@@ -38,6 +38,7 @@ __all__ = [
     "make_denoiser",
     "method_for_observables",
     "sequences_from_structure",
+    "tiny_model",
     "unmatched_atoms",
 ]
 
@@ -92,7 +93,7 @@ def load_boltz(family: str, checkpoint, *, device="cpu", recycling_steps: int = 
     MSAModuleArgs); tests pass small ones for tiny models.  Kernels (cuequivariance) are off on CPU.  Boltz's own
     steering potentials are switched off: guidance is ours.
     """
-    from boltz.main import BoltzSteeringParams, MSAModuleArgs, PairformerArgs, PairformerArgsV2
+    from boltz.main import MSAModuleArgs, PairformerArgs, PairformerArgsV2
 
     _check_family(family)
     path = Path(checkpoint).expanduser()
@@ -109,8 +110,7 @@ def load_boltz(family: str, checkpoint, *, device="cpu", recycling_steps: int = 
         pairformer_args = asdict(PairformerArgsV2() if family == "boltz2" else PairformerArgs())
     if msa_args is None:
         msa_args = asdict(MSAModuleArgs(use_paired_feature=family == "boltz2"))
-    steering = asdict(BoltzSteeringParams())
-    steering.update(fk_steering=False, physical_guidance_update=False, contact_guidance_update=False)
+    steering = _steering_off()
     predict_args = {"recycling_steps": recycling_steps, "sampling_steps": 200, "diffusion_samples": 1,
                     "max_parallel_samples": 1, "write_confidence_summary": False, "write_full_pae": False,
                     "write_full_pde": False}
@@ -130,6 +130,56 @@ def load_boltz(family: str, checkpoint, *, device="cpu", recycling_steps: int = 
             f"Is it the official {CHECKPOINT_NAMES[family]} of this family?"
         ) from exc
     return model.eval().to(device)
+
+
+def _steering_off() -> dict:
+    """Boltz's CLI steering arguments with every steering mechanism switched off (guidance is ours)."""
+    from boltz.main import BoltzSteeringParams
+
+    steering = asdict(BoltzSteeringParams())
+    steering.update(fk_steering=False, physical_guidance_update=False, contact_guidance_update=False)
+    return steering
+
+
+# Toy widths/depths for tiny randomly initialised models (tests, benchmarks, trying the plumbing without weights).
+TINY_PAIRFORMER = dict(num_blocks=1, num_heads=2, dropout=0.0, pairwise_head_width=8, pairwise_num_heads=2)
+TINY_MSA = dict(msa_s=8, msa_blocks=1, msa_dropout=0.0, z_dropout=0.0, pairwise_head_width=8, pairwise_num_heads=2)
+
+
+def tiny_model(family: str, seed: int = 0):
+    """A randomly initialised Boltz model with the released architecture at toy width/depth (no weights needed).
+    Its checkpoint loads through ``load_boltz`` with ``pairformer_args=TINY_PAIRFORMER`` (+ ``v2=True`` for
+    Boltz-2) and ``msa_args=TINY_MSA``."""
+    from boltz.main import Boltz2DiffusionParams, BoltzDiffusionParams
+    from omegaconf import OmegaConf
+
+    _check_family(family)
+    torch.manual_seed(seed)
+    # Boltz-2's checkpoint hook expects training_args as a DictConfig
+    training_args = OmegaConf.create(dict(max_lr=1e-3, weight_decay=0.0, diffusion_multiplicity=1, recycling_steps=0))
+    common = dict(
+        atom_s=16, atom_z=8, token_s=32, token_z=16, num_bins=64, training_args=training_args, validation_args={},
+        embedder_args=dict(atom_encoder_depth=1, atom_encoder_heads=2), msa_args=dict(TINY_MSA),
+        score_model_args=dict(sigma_data=16, dim_fourier=16, atom_encoder_depth=1, atom_encoder_heads=2,
+                              token_transformer_depth=1, token_transformer_heads=2, atom_decoder_depth=1,
+                              atom_decoder_heads=2, conditioning_transition_layers=1),
+        diffusion_loss_args={},
+        predict_args=dict(recycling_steps=0, sampling_steps=5, diffusion_samples=1, max_parallel_samples=1),
+        steering_args=_steering_off(), use_kernels=False, atoms_per_window_queries=32, atoms_per_window_keys=128,
+    )
+    if family == "boltz1":  # atom features: 389 (Boltz-1), 388 (Boltz-2)
+        from boltz.model.models.boltz1 import Boltz1
+
+        model = Boltz1(**common, atom_feature_dim=389, pairformer_args=dict(TINY_PAIRFORMER),
+                       diffusion_process_args=asdict(BoltzDiffusionParams()), confidence_model_args={},
+                       confidence_prediction=False)
+    else:
+        from boltz.model.models.boltz2 import Boltz2
+
+        model = Boltz2(**common, atom_feature_dim=388, pairformer_args=dict(TINY_PAIRFORMER, v2=True),
+                       diffusion_process_args=asdict(Boltz2DiffusionParams()), confidence_prediction=False,
+                       validate_structure=False)
+    return model.eval()
 
 
 # ---------------------------------------------------------------------------------------------------------------------

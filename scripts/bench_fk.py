@@ -74,15 +74,15 @@ class TimedObjective:
         self.objective = objective
         self.seconds = 0.0
 
-    def __call__(self, x):
+    def __call__(self, x, t=0.0):
         t0 = time.perf_counter()
-        out = self.objective(x)
+        out = self.objective(x, t=t)
         self.seconds += time.perf_counter() - t0
         return out
 
-    def value(self, x):
+    def value(self, x, t=0.0):
         t0 = time.perf_counter()
-        out = self.objective.value(x)
+        out = self.objective.value(x, t=t)
         self.seconds += time.perf_counter() - t0
         return out
 

@@ -5,7 +5,6 @@ own sampler."""
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -14,11 +13,15 @@ import torch
 pytest.importorskip("boltz")
 
 from predictors.boltz import (  # noqa: E402
+    TINY_MSA,
+    TINY_PAIRFORMER,
     Boltz1Denoiser,
     Boltz2Denoiser,
+    _steering_off,
     boltz_schedule,
     load_boltz,
     sequences_from_structure,
+    tiny_model,
     unmatched_atoms,
 )
 from guidance.sampler import euler_step, kabsch_align, plan  # noqa: E402
@@ -26,50 +29,6 @@ from guidance.sampler import euler_step, kabsch_align, plan  # noqa: E402
 # 63 + 34 + 63 = 160 heavy atoms: a multiple of Boltz's 32-atom window, so Boltz pads nothing and its sampler's
 # centring (which includes pads) acts on exactly our atoms.  Chains A and C share an entity.
 SEQS = {"A": "MKTAYIAK", "B": "GSWH", "C": "MKTAYIAK"}
-TINY_PAIRFORMER = dict(num_blocks=1, num_heads=2, dropout=0.0, pairwise_head_width=8, pairwise_num_heads=2)
-TINY_MSA = dict(msa_s=8, msa_blocks=1, msa_dropout=0.0, z_dropout=0.0, pairwise_head_width=8, pairwise_num_heads=2)
-
-
-def _steering_off():
-    from boltz.main import BoltzSteeringParams
-
-    steer = asdict(BoltzSteeringParams())
-    steer.update(fk_steering=False, physical_guidance_update=False, contact_guidance_update=False)
-    return steer
-
-
-def tiny_model(family: str, seed: int = 0):
-    """A randomly initialised Boltz model with the released architecture at toy width/depth."""
-    from boltz.main import Boltz2DiffusionParams, BoltzDiffusionParams
-    from omegaconf import OmegaConf
-
-    torch.manual_seed(seed)
-    training_args = OmegaConf.create(dict(max_lr=1e-3, weight_decay=0.0, diffusion_multiplicity=1, recycling_steps=0))
-    common = dict(
-        atom_s=16, atom_z=8, token_s=32, token_z=16, num_bins=64, training_args=training_args, validation_args={},
-        embedder_args=dict(atom_encoder_depth=1, atom_encoder_heads=2), msa_args=dict(TINY_MSA),
-        score_model_args=dict(sigma_data=16, dim_fourier=16, atom_encoder_depth=1, atom_encoder_heads=2,
-                              token_transformer_depth=1, token_transformer_heads=2, atom_decoder_depth=1,
-                              atom_decoder_heads=2, conditioning_transition_layers=1),
-        diffusion_loss_args={},
-        predict_args=dict(recycling_steps=0, sampling_steps=5, diffusion_samples=1, max_parallel_samples=1),
-        steering_args=_steering_off(), use_kernels=False, atoms_per_window_queries=32, atoms_per_window_keys=128,
-    )
-    if family == "boltz1":
-        from boltz.model.models.boltz1 import Boltz1
-
-        model = Boltz1(**common, atom_feature_dim=389, pairformer_args=dict(TINY_PAIRFORMER),
-                       diffusion_process_args=asdict(BoltzDiffusionParams()), confidence_model_args={},
-                       confidence_prediction=False)
-    else:
-        from boltz.model.models.boltz2 import Boltz2
-
-        model = Boltz2(**common, atom_feature_dim=388, pairformer_args=dict(TINY_PAIRFORMER, v2=True),
-                       diffusion_process_args=asdict(Boltz2DiffusionParams()), confidence_prediction=False,
-                       validate_structure=False)
-    return model.eval()
-
-
 def save_checkpoint(model, path):
     """A Lightning-style checkpoint (state_dict + hyper-parameters), as load_from_checkpoint reads it."""
     import pytorch_lightning as lightning

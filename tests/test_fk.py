@@ -123,9 +123,9 @@ class CountingObjective:
         self.calls.append(tuple(x.shape))
         return self.objective(x, t=t)
 
-    def value(self, x):
+    def value(self, x, t=0.0):
         self.value_calls.append(tuple(x.shape))
-        return self.objective.value(x)
+        return self.objective.value(x, t=t)
 
 
 def steer(prior, objective, p, e, steps, seed=0, **kw):
