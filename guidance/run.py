@@ -199,7 +199,7 @@ def build_objective(cfg, layout, ref_coords, demo_map: Path | None):
             params["map"] = demo_map
         try:
             obs = observables.build(name, atoms, **params)
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, ValueError, OSError) as exc:  # bad data files, options, unknown names
             raise UserError(f"observable {name!r}: {exc}") from exc
         terms.append(Term(name, obs, weight))
         log.info("observable %s (weight %.3g): %s", name, weight, {k: (str(v) if isinstance(v, Path) else v) for k, v in params.items()})

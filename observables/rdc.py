@@ -1,0 +1,797 @@
+"""Residual dipolar couplings (RDCs) of a weighted ensemble, with one alignment tensor fitted inside the loss.
+
+Physics (units: Hz, Angstrom, SI constants)
+- For a pair of spin-1/2 nuclei P, Q at fixed distance r in a weakly aligned molecule, the dipolar coupling is
+
+      D = D_max * u^T S u,        D_max = -(mu0 / 4 pi) * gamma_P gamma_Q hbar / (pi r^3)   (Hz)
+
+  with u the unit P-Q vector in the molecular frame and S the Saupe order matrix (3x3, symmetric, traceless,
+  dimensionless).  (The secular dipolar Hamiltonian in Hz is -(mu0/4pi) gamma_P gamma_Q hbar / (2 pi r^3)
+  (3 cos^2 theta - 1) I_z S_z, so the splitting averaged over orientations is D_max <(3 cos^2 theta - 1) / 2>,
+  and <(3 cos^2 theta - 1) / 2> = u^T S u; e.g. the relax manual, maths_fns.rdc, with S = 3/2 A.)
+  Gyromagnetic ratios: IUPAC, Harris et al., Pure Appl. Chem. 73, 1795 (2001), Table 1 (rad s^-1 T^-1).
+  For 15N-1H at r = 1.02 A, D_max = +22.95 kHz (gamma_N < 0); at 1.04 A it is 21.66 kHz, the often-quoted 21.7 kHz.
+- Several bond types share one tensor: every coupling k is D_k = c_k u_k^T T u_k, where T = D_max(N-H) S is the
+  tensor in Hz "normalised to N-H" and c_k = D_max(k) / D_max(N-H) is a fixed, signed ratio per bond type (gamma
+  and bond length).  T has 5 free parameters (Txx, Tyy, Txy, Txz, Tyz; Tzz = -Txx - Tyy), so each coupling is one
+  row of a linear model  D = A s  with  A_k = c_k [x^2 - z^2, y^2 - z^2, 2xy, 2xz, 2yz],  s = (Txx, Tyy, Txy, Txz, Tyz)
+  (the SVD/least-squares order-matrix fit of Losonczi et al., J. Magn. Reson. 138, 334 (1999)).
+- Ensemble: one tensor for the weighted ensemble (the molecules of all members align in the same medium), so the
+  prediction is D_k = sum_m w_m c_k u_km^T T u_km = (sum_m w_m A_km) s: the design rows are averaged over members
+  with the weights, and the tensor is fitted once to the averaged rows.  Members must share one molecular frame
+  (superpose them first; guidance does this when it aligns members to the input structure).
+- Fit: weighted least squares (rows and data divided by each coupling's sigma) by QR of the design matrix, with a
+  tiny Tikhonov term (``RIDGE`` x mean squared column norm) that keeps the fit defined -- and differentiable -- for
+  degenerate bond-vector sets; its effect on a well-posed fit is ~1e-6 relative.
+- Reported conventions (Clore, Gronenborn & Bax, J. Magn. Reson. 133, 216 (1998); Bax, Kontaxis & Tjandra, Methods
+  Enzymol. 339, 127 (2001)):  D(theta, phi) = Da [(3 cos^2 theta - 1) + 3/2 R sin^2 theta cos 2 phi]  in the
+  principal frame of T (|Tzz| >= |Tyy| >= |Txx|), hence  Da = Tzz / 2  (Hz, for N-H),  R = Dr / Da =
+  (2/3) (Txx - Tyy) / Tzz  in [0, 2/3].  Q factor (Cornilescu, Marquardt, Ottiger & Bax, J. Am. Chem. Soc. 120,
+  6836 (1998)):  Q = sqrt(sum (D_obs - D_calc)^2 / sum D_obs^2).
+- Signs: values are the signed couplings as measured (the aligned splitting minus the isotropic J).  Because
+  gamma_N < 0, a 15N-1H and a 13C-1H bond of the same orientation have couplings of opposite sign (c_k < 0 for C-H);
+  data sets that report N-H couplings with that sign removed must be converted before mixing bond types (a single
+  bond type is unaffected: the tensor absorbs a global sign).
+- Likelihood: Gaussian noise of standard deviation sigma (Hz) per coupling, the tensor at its best fit (profile
+  likelihood):  log L = -1/2 sum ((D_obs - D_calc) / sigma)^2.
+
+Atoms: couplings name two atoms of the model by (chain, residue number, atom name).  Hydrogens come from the model
+when it has them (amide H named H or HN, HA); otherwise, since predictors give heavy atoms only, they are placed
+from the backbone inside the JAX function (differentiable): the amide H at ``AMIDE_NH_LENGTH`` along the bisector of
+C(i-1)->N and CA->N; HA of non-glycine residues at ``HA_LENGTH`` opposite the sum of the unit vectors
+CA->N, CA->C and CA->CB (tetrahedral).  Couplings that cannot be built are skipped with a reason (``skipped``):
+proline (no amide H), the first residue of a chain (NH3+, no C(i-1)), glycine HA2/HA3 without model hydrogens,
+atoms missing from the model.  Couplings of residues absent from the model are dropped with one warning (counted).
+
+Readers: the simple ``.pa`` format and the NMR-STAR 3 ``_RDC`` loop (see ``read_pa`` and ``read_nmrstar``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import gemmi
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from observables.base import AtomInfo, register
+from observables.nmr import NmrDataError, read_star
+
+__all__ = [
+    "AMIDE_NH_LENGTH",
+    "BOND_LENGTHS",
+    "GYROMAGNETIC_RATIO",
+    "AtomRef",
+    "Coupling",
+    "RDCError",
+    "RDCObservable",
+    "alignment_tensor",
+    "design_rows",
+    "dipolar_constant",
+    "fit_tensor",
+    "place_amide_h",
+    "place_ha",
+    "read_nmrstar",
+    "read_pa",
+    "read_rdc",
+    "tensor_parameters",
+]
+
+# ----------------------------------------------------------------------------------------------------------------
+# Constants
+# ----------------------------------------------------------------------------------------------------------------
+
+# mu0 / (4 pi) in T m A^-1 (SI; CODATA 2018 gives 1.00000000055e-7, the difference is irrelevant here).
+MU0_OVER_4PI = 1.0e-7
+# Reduced Planck constant in J s (exact in the 2019 SI: h = 6.62607015e-34 J s).
+HBAR = 6.62607015e-34 / (2.0 * math.pi)
+
+# Gyromagnetic ratios gamma in rad s^-1 T^-1 of the NMR-active isotopes 1H, 13C, 15N (the nuclei of labelled
+# proteins), keyed by element: IUPAC recommendations, Harris et al., Pure Appl. Chem. 73, 1795 (2001), Table 1
+# (gamma / 10^7 rad s^-1 T^-1 = 26.7522128, 6.728284, -2.71261804).
+GYROMAGNETIC_RATIO = {"H": 26.7522128e7, "C": 6.728284e7, "N": -2.71261804e7}
+
+# Amide N-H distance (A) used both to place H and in D_max(N-H): the value of the reference analysis of the shared
+# ubiquitin data (../shared/data/README.md: Q = 0.18 for 1UBQ).  Only the N-H direction enters the fit; the length
+# only sets D_max(N-H), i.e. the N-H normalisation of T and the ratios c_k of the other bond types.
+AMIDE_NH_LENGTH = 1.02
+# Ideal C-H length (A) used to place HA: neutron-diffraction C(sp3)-H, Allen et al., J. Chem. Soc. Perkin Trans. 2,
+# S1 (1987), 1.09 A.
+HA_LENGTH = 1.09
+
+# Internuclear distances (A) that fix each bond type's D_max, keyed "A-B" by atom names (order-free; HN = H,
+# HA2/HA3 = HA).  Heavy-atom bonds: Engh & Huber, Acta Cryst. A47, 392 (1991), protein backbone.  These are
+# equilibrium lengths; vibrationally averaged "effective" lengths are a few percent longer (Ottiger & Bax, J. Am.
+# Chem. Soc. 120, 12334 (1998)) -- override with the ``bond_lengths`` option when mixing bond types matters.
+BOND_LENGTHS = {
+    "N-H": AMIDE_NH_LENGTH,
+    "CA-HA": HA_LENGTH,
+    "N-CA": 1.458,
+    "CA-C": 1.525,
+    "C-N": 1.329,
+    "CA-CB": 1.530,
+}
+
+# Relative Tikhonov term of the tensor fit (see the module docstring).
+RIDGE = 1e-6
+# Fewest couplings the observable accepts: the tensor has 5 parameters, so 5 couplings are always fitted exactly.
+MIN_COUPLINGS = 6
+
+_NULL = {".", "?", ""}
+
+
+class RDCError(ValueError):
+    """RDC data could not be read or matched to the model (the message names the file, line and coupling)."""
+
+
+def dipolar_constant(element_1: str, element_2: str, distance: float) -> float:
+    """D_max (Hz) of a pair of nuclei at ``distance`` (A): -(mu0/4pi) gamma_1 gamma_2 hbar / (pi r^3).
+
+    Elements H, C, N stand for 1H, 13C, 15N (``GYROMAGNETIC_RATIO``).  D = D_max u^T S u with S the Saupe matrix.
+    """
+    try:
+        g1 = GYROMAGNETIC_RATIO[_element(element_1)]
+        g2 = GYROMAGNETIC_RATIO[_element(element_2)]
+    except KeyError as exc:
+        raise RDCError(
+            f"no gyromagnetic ratio for element {exc.args[0]!r}; RDCs are supported between "
+            f"{', '.join(sorted(GYROMAGNETIC_RATIO))} (1H, 13C, 15N)"
+        ) from None
+    if not distance > 0:
+        raise RDCError(f"internuclear distance must be > 0 A, got {distance}")
+    r = distance * 1e-10  # m
+    return -MU0_OVER_4PI * g1 * g2 * HBAR / (math.pi * r**3)
+
+
+def _element(name: str) -> str:
+    return str(name).strip().capitalize()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pure-JAX geometry and the tensor fit
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _unit(v, eps: float = 1e-12):
+    """v / |v| along the last axis; finite (zero) for a zero vector."""
+    return v / jnp.sqrt(jnp.sum(v * v, axis=-1, keepdims=True) + eps)
+
+
+def place_amide_h(c_prev, n, ca, length: float = AMIDE_NH_LENGTH):
+    """Amide H positions [..., 3] (A) from C(i-1), N(i), CA(i) [..., 3]: at ``length`` from N along the bisector of
+    the C(i-1)->N and CA->N directions, i.e. along unit(N - C_prev) + unit(N - CA) (the sp2 N in the peptide plane)."""
+    return n + length * _unit(_unit(n - c_prev) + _unit(n - ca))
+
+
+def place_ha(n, ca, c, cb, length: float = HA_LENGTH):
+    """HA positions [..., 3] (A) of non-glycine residues from N, CA, C, CB [..., 3]: at ``length`` from CA opposite
+    the sum of the unit bond vectors CA->N, CA->C, CA->CB (exact for an ideal tetrahedron, close otherwise)."""
+    return ca - length * _unit(_unit(n - ca) + _unit(c - ca) + _unit(cb - ca))
+
+
+def design_rows(vectors, scale):
+    """Design-matrix rows [..., M, 5] for bond vectors ``[..., M, 3]`` (any length; they are normalised) and the
+    per-coupling ratio ``scale [M]`` = D_max(k) / D_max(N-H):  scale * [x^2 - z^2, y^2 - z^2, 2xy, 2xz, 2yz],
+    so that D = rows @ (Txx, Tyy, Txy, Txz, Tyz) with T in Hz (N-H normalised)."""
+    u = _unit(vectors)
+    x, y, z = u[..., 0], u[..., 1], u[..., 2]
+    rows = jnp.stack([x * x - z * z, y * y - z * z, 2.0 * x * y, 2.0 * x * z, 2.0 * y * z], axis=-1)
+    return rows * jnp.asarray(scale)[..., :, None]
+
+
+def fit_tensor(rows, d_obs, inv_sigma=None, ridge: float = RIDGE):
+    """Weighted least-squares tensor ``s [5]`` = (Txx, Tyy, Txy, Txz, Tyz) (Hz) and the fitted couplings ``[M]``.
+
+    Minimises sum ((d_obs - rows @ s) * inv_sigma)^2 + ridge * mean_col(|A_w|^2) |s|^2 by a QR factorisation of the
+    augmented whitened design matrix (differentiable in ``rows`` and ``d_obs``; jit/vmap-able)."""
+    rows = jnp.asarray(rows)
+    d_obs = jnp.asarray(d_obs, dtype=rows.dtype)
+    w = jnp.ones_like(d_obs) if inv_sigma is None else jnp.asarray(inv_sigma, dtype=rows.dtype)
+    a = rows * w[:, None]
+    b = d_obs * w
+    scale = jax.lax.stop_gradient(jnp.mean(jnp.sum(a * a, axis=0)))
+    damping = jnp.sqrt(ridge * scale + 1e-30) * jnp.eye(5, dtype=rows.dtype)
+    q, r = jnp.linalg.qr(jnp.concatenate([a, damping], axis=0))
+    rhs = q.T @ jnp.concatenate([b, jnp.zeros(5, dtype=rows.dtype)])
+    s = jax.scipy.linalg.solve_triangular(r, rhs, lower=False)
+    return s, rows @ s
+
+
+def saupe_to_matrix(s):
+    """The symmetric traceless 3x3 tensor from its 5 parameters (Txx, Tyy, Txy, Txz, Tyz) (numpy or JAX)."""
+    xp = jnp if isinstance(s, jax.Array) else np
+    s = xp.asarray(s)
+    txx, tyy, txy, txz, tyz = s[0], s[1], s[2], s[3], s[4]
+    return xp.stack(
+        [xp.stack([txx, txy, txz]), xp.stack([txy, tyy, tyz]), xp.stack([txz, tyz, -txx - tyy])]
+    )
+
+
+def matrix_to_saupe(t) -> np.ndarray:
+    """The 5 parameters (Txx, Tyy, Txy, Txz, Tyz) of a symmetric 3x3 tensor (its trace is dropped)."""
+    t = np.asarray(t, dtype=np.float64)
+    t = 0.5 * (t + t.T) - np.trace(t) / 3.0 * np.eye(3)
+    return np.array([t[0, 0], t[1, 1], t[0, 1], t[0, 2], t[1, 2]])
+
+
+def alignment_tensor(da: float, rhombicity: float, rotation: np.ndarray | None = None) -> np.ndarray:
+    """The 3x3 tensor T (Hz, N-H normalised) with axial component ``da`` (Hz) and rhombicity R in [0, 2/3]:
+    principal values Tzz = 2 Da, Txx = Da (-1 + 3/2 R), Tyy = Da (-1 - 3/2 R) (Clore et al. 1998), rotated into the
+    molecular frame by ``rotation`` (3x3, columns = principal axes x, y, z; identity if None)."""
+    if not 0.0 <= rhombicity <= 2.0 / 3.0 + 1e-12:
+        raise ValueError(f"rhombicity must lie in [0, 2/3], got {rhombicity}")
+    principal = np.diag([da * (-1.0 + 1.5 * rhombicity), da * (-1.0 - 1.5 * rhombicity), 2.0 * da])
+    rot = np.eye(3) if rotation is None else np.asarray(rotation, dtype=np.float64)
+    return rot @ principal @ rot.T
+
+
+def tensor_parameters(t) -> dict[str, object]:
+    """Da (Hz), Dr (Hz), rhombicity R, principal values (x, y, z with |x| <= |y| <= |z|) and axes (columns) of T."""
+    t = np.asarray(t, dtype=np.float64)
+    values, axes = np.linalg.eigh(0.5 * (t + t.T))
+    order = np.argsort(np.abs(values), kind="stable")
+    values, axes = values[order], axes[:, order]
+    txx, tyy, tzz = values
+    da = 0.5 * tzz
+    rhombicity = (2.0 / 3.0) * (txx - tyy) / tzz if tzz != 0 else 0.0
+    return {"da": da, "dr": da * rhombicity, "rhombicity": rhombicity, "principal_values": values, "axes": axes}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: couplings and their readers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AtomRef:
+    """One atom named by the data: chain (None = the observable's chain), residue number, atom name."""
+
+    chain: str | None
+    res_seq: int
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.chain + '.' if self.chain else ''}{self.res_seq}{self.name}"
+
+
+@dataclass(frozen=True)
+class Coupling:
+    """One measured RDC between two atoms: ``value`` and ``error`` (None if not given) in Hz; ``source`` says where it
+    was read ("file:line" or "file: _RDC row ID 5")."""
+
+    atom1: AtomRef
+    atom2: AtomRef
+    value: float
+    error: float | None = None
+    source: str = ""
+
+    @property
+    def label(self) -> str:
+        """The .pa-style label, e.g. 14N-H, 13C-14N, A.16H-A.15C."""
+        a, b = self.atom1, self.atom2
+        if (a.chain, a.res_seq) == (b.chain, b.res_seq):
+            return f"{a}-{b.name}"
+        return f"{a}-{b}"
+
+
+# mollib-style interaction label: [chain.]<res><atom>-[chain.][res]<atom>[+-offset], e.g. 14N-H, A.16H-A.15C, 14N-C-1
+_PA_LABEL = re.compile(
+    r"^(?:(?P<c1>[A-Za-z0-9]+)\.)?(?P<r1>\d+)(?P<a1>[A-Za-z][A-Za-z0-9']*)"
+    r"-(?:(?P<c2>[A-Za-z0-9]+)\.)?(?P<r2>\d+)?(?P<a2>[A-Za-z][A-Za-z0-9']*?)(?P<off>[+-]\d+)?$"
+)
+_PA_CSA = re.compile(r"^(?:[A-Za-z0-9]+\.)?\d+[A-Za-z][A-Za-z0-9']*$")
+
+
+def read_pa(path: str | Path) -> list[Coupling]:
+    """Read the RDCs of a ``.pa`` partial-alignment file (the format of mollib's ``pa`` tool).
+
+    One coupling per line: ``<label> <value Hz> [<error Hz>]``, ``#`` starts a comment.  The label names two atoms:
+    ``14N-H`` (same residue), ``14N-14H``, ``A.16H-A.15C`` (chain prefixes), ``14N-C-1`` (second atom in residue
+    14 - 1).  Lines whose label names one atom (``2N 112.1``) are residual chemical-shift-anisotropy data, not RDCs,
+    and are ignored, as are blank and comment lines.  Anything else raises ``RDCError`` naming the file and line.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RDCError(f"cannot read RDC file {path}: {exc}") from None
+    couplings: list[Coupling] = []
+    seen: dict[tuple, int] = {}
+    for lineno, raw in enumerate(text.splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        where = f"{path}:{lineno}"
+        fields = line.split()
+        label = fields[0]
+        if _PA_CSA.match(label):  # one atom: a RACS/CSA value, not an RDC
+            continue
+        m = _PA_LABEL.match(label)
+        if m is None:
+            raise RDCError(
+                f"{where}: cannot read the interaction label {label!r}; expected e.g. '14N-H', '14CA-HA', '14C-15N', "
+                "'A.14N-H' or '14N-C-1'"
+            )
+        if len(fields) not in (2, 3):
+            raise RDCError(f"{where}: expected '<label> <value Hz> [<error Hz>]', got {len(fields)} fields: {raw!r}")
+        try:
+            value = float(fields[1])
+            error = float(fields[2]) if len(fields) == 3 else None
+        except ValueError:
+            raise RDCError(f"{where}: cannot read {' '.join(fields[1:])!r} as a coupling (Hz) [and error]") from None
+        if not math.isfinite(value) or (error is not None and not error > 0):
+            raise RDCError(f"{where}: the value must be finite and the error > 0, got {' '.join(fields[1:])!r}")
+        r1 = int(m["r1"])
+        r2 = int(m["r2"]) if m["r2"] is not None else r1
+        if m["off"] is not None:
+            r2 += int(m["off"])
+        atom1 = AtomRef(m["c1"], r1, m["a1"].upper())
+        atom2 = AtomRef(m["c2"] or m["c1"], r2, m["a2"].upper())
+        key = _pair_key(atom1, atom2)
+        if key in seen:
+            raise RDCError(f"{where}: coupling {label} is already given at line {seen[key]}")
+        seen[key] = lineno
+        couplings.append(Coupling(atom1, atom2, value, error, where))
+    return couplings
+
+
+def _pair_key(a: AtomRef, b: AtomRef) -> tuple:
+    one = (a.chain, a.res_seq, _canonical_name(a.name))
+    two = (b.chain, b.res_seq, _canonical_name(b.name))
+    return tuple(sorted([one, two], key=str))
+
+
+def read_nmrstar(path: str | Path, list_id: str | None = None) -> list[Coupling]:
+    """Read RDCs from the ``_RDC`` loop of an NMR-STAR 3 file (BMRB ``RDC_list`` save frame), parsed with gemmi
+    through ``observables.nmr.read_star``.
+
+    Tags used: ``_RDC.Atom_ID_1/2`` and ``_RDC.Val`` (required); residue numbers from ``_RDC.Auth_seq_ID_1/2`` when
+    present and set, else ``_RDC.Comp_index_ID_1/2``, else ``_RDC.Seq_ID_1/2``; optional ``_RDC.Val_err`` (Hz),
+    ``_RDC.ID`` (to name rows in messages) and ``_RDC.RDC_list_ID``.  A file with several lists (several alignment
+    media, each with its own tensor) needs ``list_id``.  Chains are not read: the observable's ``chain`` applies.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RDCError(f"RDC file not found: {path}")
+    try:  # BMRB files' bare $frame references are quoted first (gemmi's CIF parser rejects them)
+        doc = read_star(path)
+    except NmrDataError as exc:  # gemmi names the file and line in its message
+        raise RDCError(f"cannot parse {path} as NMR-STAR: {exc}") from None
+    loops = []
+    for block in doc:
+        for item in _items_with_frames(block):
+            if item.loop is not None and any(tag.lower().startswith("_rdc.") for tag in item.loop.tags):
+                loops.append(item)
+    if not loops:
+        raise RDCError(f"{path}: no _RDC loop found (NMR-STAR 3 'loop_ _RDC.ID _RDC.Atom_ID_1 ... _RDC.Val')")
+    rows_by_list: dict[str, list[tuple[int, dict[str, str]]]] = {}
+    for n_loop, item in enumerate(loops):
+        loop = item.loop
+        tags = [tag.split(".", 1)[1].lower() if "." in tag else tag.lower() for tag in loop.tags]
+        for required in ("atom_id_1", "atom_id_2", "val"):
+            if required not in tags:
+                raise RDCError(f"{path}:{item.line_number}: the _RDC loop has no _RDC.{required.capitalize()} column")
+        width, values = loop.width(), list(loop.values)
+        for i in range(loop.length()):
+            row = {tags[j]: gemmi.cif.as_string(values[i * width + j]) for j in range(width)}
+            key = row.get("rdc_list_id", "") if row.get("rdc_list_id", "") not in _NULL else str(n_loop + 1)
+            rows_by_list.setdefault(key, []).append((item.line_number, row))
+    if list_id is None:
+        if len(rows_by_list) > 1:
+            raise RDCError(
+                f"{path} has {len(rows_by_list)} RDC lists (IDs {', '.join(rows_by_list)}), each from its own "
+                "alignment: choose one with rdc_list=<ID>"
+            )
+        rows = next(iter(rows_by_list.values()))
+    else:
+        if str(list_id) not in rows_by_list:
+            raise RDCError(f"{path}: no RDC list with ID {list_id!r}; the file has {', '.join(rows_by_list)}")
+        rows = rows_by_list[str(list_id)]
+
+    couplings: list[Coupling] = []
+    seen: dict[tuple, str] = {}
+    for k, (loop_line, row) in enumerate(rows, start=1):
+        rid = row.get("id", "")
+        where = f"{path}: _RDC loop at line {loop_line}, row {k}" + (f" (_RDC.ID {rid})" if rid not in _NULL else "")
+        atoms = []
+        for side in ("1", "2"):
+            name = row[f"atom_id_{side}"]
+            seq = None
+            for tag in (f"auth_seq_id_{side}", f"comp_index_id_{side}", f"seq_id_{side}"):
+                if row.get(tag, ".") not in _NULL:
+                    seq = row[tag]
+                    break
+            if name in _NULL or seq is None:
+                raise RDCError(f"{where}: atom {side} needs an Atom_ID and a residue number (Auth_seq_ID/Comp_index_ID)")
+            try:
+                atoms.append(AtomRef(None, int(seq), name.upper()))
+            except ValueError:
+                raise RDCError(f"{where}: residue number {seq!r} of atom {side} is not an integer") from None
+        try:
+            value = float(row["val"])
+        except ValueError:
+            raise RDCError(f"{where}: _RDC.Val {row['val']!r} is not a number (Hz)") from None
+        error = None
+        if row.get("val_err", ".") not in _NULL:
+            try:
+                error = float(row["val_err"])
+            except ValueError:
+                raise RDCError(f"{where}: _RDC.Val_err {row['val_err']!r} is not a number (Hz)") from None
+            if not error > 0:
+                raise RDCError(f"{where}: _RDC.Val_err must be > 0, got {error}")
+        if not math.isfinite(value):
+            raise RDCError(f"{where}: _RDC.Val must be finite, got {value}")
+        key = _pair_key(*atoms)
+        if key in seen:
+            raise RDCError(f"{where}: coupling {atoms[0]}-{atoms[1]} is already given ({seen[key]})")
+        seen[key] = where
+        couplings.append(Coupling(atoms[0], atoms[1], value, error, where))
+    return couplings
+
+
+def _items_with_frames(block):
+    """All items of a block, descending into save frames."""
+    for item in block:
+        if item.frame is not None:
+            yield from _items_with_frames(item.frame)
+        else:
+            yield item
+
+
+_STAR_SUFFIXES = (".str", ".star", ".nmrstar", ".nef", ".cif")
+
+
+def read_rdc(path: str | Path, format: str = "auto", list_id: str | None = None) -> list[Coupling]:
+    """Read RDCs: ``format`` "pa", "star" (NMR-STAR 3) or "auto" (by suffix .str/.star/.nmrstar/.cif, else by
+    looking for an ``_RDC.`` tag, else .pa)."""
+    path = Path(path)
+    if not path.is_file():
+        raise RDCError(f"RDC file not found: {path}")
+    fmt = str(format).lower()
+    if fmt == "auto":
+        if path.suffix.lower() in _STAR_SUFFIXES:
+            fmt = "star"
+        elif path.suffix.lower() == ".pa":
+            fmt = "pa"
+        else:
+            try:
+                head = path.read_text(errors="replace")
+            except OSError as exc:
+                raise RDCError(f"cannot read RDC file {path}: {exc}") from None
+            fmt = "star" if re.search(r"^\s*_RDC\.", head, flags=re.MULTILINE | re.IGNORECASE) else "pa"
+    if fmt == "pa":
+        if list_id is not None:
+            raise RDCError(f"{path}: rdc_list applies to NMR-STAR files only")
+        return read_pa(path)
+    if fmt == "star":
+        return read_nmrstar(path, list_id=list_id)
+    raise RDCError(f"unknown RDC format {format!r}; use auto, pa or star")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Matching couplings to the model's atoms
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _canonical_name(name: str) -> str:
+    """Atom-name aliases: the amide H is H (HN in some programs)."""
+    name = str(name).strip().upper()
+    return "H" if name == "HN" else name
+
+
+def _bond_type_name(name: str) -> str:
+    name = _canonical_name(name)
+    return "HA" if name in ("HA2", "HA3") else name
+
+
+def bond_type(name_1: str, name_2: str, lengths: Mapping[str, float]) -> str | None:
+    """The key of ``lengths`` ("A-B", order-free) for a pair of atom names, or None."""
+    a, b = _bond_type_name(name_1), _bond_type_name(name_2)
+    for key in (f"{a}-{b}", f"{b}-{a}"):
+        if key in lengths:
+            return key
+    return None
+
+
+class _Points:
+    """Bookkeeping of the points the bond vectors join: model atoms, placed amide H, placed HA."""
+
+    def __init__(self):
+        self.atoms: list[int] = []
+        self.amide: list[tuple[int, int, int]] = []  # (C_prev, N, CA)
+        self.ha: list[tuple[int, int, int, int]] = []  # (N, CA, C, CB)
+        self._index: dict[tuple, int] = {}
+
+    def add(self, kind: str, key: tuple) -> int:
+        tag = (kind, key)
+        if tag not in self._index:
+            table = {"atom": self.atoms, "amide": self.amide, "ha": self.ha}[kind]
+            self._index[tag] = len(table)
+            table.append(key[0] if kind == "atom" else key)
+        return self._index[tag]
+
+    def offsets(self) -> dict[str, int]:
+        return {"atom": 0, "amide": len(self.atoms), "ha": len(self.atoms) + len(self.amide)}
+
+
+@register("rdc")
+class RDCObservable:
+    """Likelihood of measured RDCs given a weighted ensemble, with one alignment tensor fitted inside the loss.
+
+    Built from the model's atoms and ``data`` (a .pa or NMR-STAR path, or a sequence of ``Coupling``).  Options:
+    ``format`` "auto" | "pa" | "star"; ``sigma`` noise per coupling in Hz (a number, or a mapping from bond type such
+    as "N-H" or "CA-HA" to Hz); ``file_errors`` use the file's per-coupling errors where given instead of ``sigma``;
+    ``chain`` the model chain the data refer to (None: the model's only polymer chain); ``rdc_list`` which
+    NMR-STAR RDC list to use; ``bond_lengths`` overrides/extra entries of ``BOND_LENGTHS`` (A, keyed "A-B" by atom
+    names); ``model_hydrogens`` use H/HN/HA coordinates of the model when it has them (else always place them);
+    ``place_hydrogens`` place missing H from the backbone (else skip those couplings).
+
+    See the module docstring for the physics.  ``couplings`` are the couplings used (in order of ``observed``),
+    ``skipped`` the (label, reason) pairs left out, ``n_missing`` those whose residue is not in the model.
+    """
+
+    name = "rdc"
+
+    def __init__(
+        self,
+        atoms: AtomInfo,
+        data: str | Path | Sequence[Coupling] | None = None,
+        format: str = "auto",
+        sigma: float | Mapping[str, float] = 1.0,
+        file_errors: bool = False,
+        chain: str | None = None,
+        rdc_list: str | int | None = None,
+        bond_lengths: Mapping[str, float] | None = None,
+        model_hydrogens: bool = True,
+        place_hydrogens: bool = True,
+    ):
+        if data is None:
+            raise RDCError("the rdc observable needs data: a .pa or NMR-STAR (_RDC loop) file, or a list of Coupling")
+        if isinstance(data, (str, Path)):
+            couplings = read_rdc(data, format=format, list_id=None if rdc_list is None else str(rdc_list))
+            origin = str(data)
+        else:
+            couplings = list(data)
+            origin = "the given couplings"
+            if not all(isinstance(c, Coupling) for c in couplings):
+                raise RDCError("data must be a path or a sequence of observables.rdc.Coupling")
+
+        lengths = dict(BOND_LENGTHS)
+        for key, value in (bond_lengths or {}).items():
+            if not float(value) > 0:
+                raise RDCError(f"bond_lengths[{key!r}] must be > 0 A, got {value}")
+            lengths[str(key).upper()] = float(value)
+        self.bond_lengths = lengths
+        self.reference_dmax = dipolar_constant("N", "H", lengths["N-H"])  # Hz, normalises T to N-H
+
+        chain = self._data_chain(atoms, chain)
+        self.chain = chain
+        index = {}
+        for i, (c, r, a) in enumerate(zip(atoms.chain_id, atoms.res_seq, atoms.atom_name)):
+            index.setdefault((str(c), int(r), _canonical_name(a)), i)
+        residues = {(c, r) for c, r, _ in index}
+        res_name = {(str(c), int(r)): str(n).strip().upper() for c, r, n in zip(atoms.chain_id, atoms.res_seq, atoms.res_name)}
+        elements = np.asarray(atoms.element).astype(str)
+
+        points = _Points()
+        ends, used, skipped, missing = [], [], [], []
+        scale_by_type: dict[str, float] = {}
+        for cpl in couplings:
+            refs = [AtomRef(a.chain or chain, a.res_seq, _canonical_name(a.name)) for a in (cpl.atom1, cpl.atom2)]
+            absent = [r for r in refs if (r.chain, r.res_seq) not in residues]
+            if absent:
+                missing.append(cpl.label)
+                continue
+            btype = bond_type(refs[0].name, refs[1].name, lengths)
+            if btype is None:
+                known = ", ".join(sorted(lengths))
+                raise RDCError(
+                    f"{cpl.source}: coupling {cpl.label}: unknown bond type {refs[0].name}-{refs[1].name}; known types: "
+                    f"{known} (add its internuclear distance with the bond_lengths option, e.g. {{'C-H': 2.04}})"
+                )
+            pair, reason = [], None
+            for ref in refs:
+                point, why = self._point(ref, index, res_name, points, model_hydrogens, place_hydrogens)
+                if point is None:
+                    reason = why
+                    break
+                pair.append(point)
+            if reason is not None:
+                skipped.append((cpl.label, reason))
+                continue
+            if pair[0] == pair[1]:
+                raise RDCError(f"{cpl.source}: coupling {cpl.label} joins an atom to itself")
+            if btype not in scale_by_type:
+                el = [self._element_of(r, index, elements) for r in refs]
+                scale_by_type[btype] = dipolar_constant(el[0], el[1], lengths[btype]) / self.reference_dmax
+            ends.append(pair)
+            used.append((cpl, btype))
+
+        self.n_missing = len(missing)
+        self.missing = missing
+        self.skipped = skipped
+        if missing:
+            warnings.warn(
+                f"{origin}: {len(missing)} RDC(s) name residues that are not in the model (chain {chain}) and are "
+                f"dropped: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}",
+                stacklevel=2,
+            )
+        if skipped:
+            reasons: dict[str, list[str]] = {}
+            for label, why in skipped:
+                reasons.setdefault(why, []).append(label)
+            text = "; ".join(f"{why}: {', '.join(labels)}" for why, labels in reasons.items())
+            warnings.warn(f"{origin}: {len(skipped)} RDC(s) skipped -- {text}", stacklevel=2)
+        if len(used) < MIN_COUPLINGS:
+            raise RDCError(
+                f"{origin}: only {len(used)} RDC(s) match the model (chain {chain}); the alignment tensor has 5 "
+                f"parameters, so at least {MIN_COUPLINGS} are needed ({len(missing)} not in the model, "
+                f"{len(skipped)} skipped)"
+            )
+
+        self.couplings = [c for c, _ in used]
+        self.bond_types = [t for _, t in used]
+        self.scale_by_type = scale_by_type
+        sig = []
+        for cpl, btype in used:
+            if file_errors and cpl.error is not None:
+                sig.append(cpl.error)
+            elif isinstance(sigma, Mapping):
+                if btype not in sigma:
+                    raise RDCError(f"sigma has no entry for bond type {btype} (coupling {cpl.label}); give one in Hz")
+                sig.append(float(sigma[btype]))
+            else:
+                sig.append(float(sigma))
+        sig = np.asarray(sig, dtype=np.float64)
+        if not np.all(sig > 0) or not np.all(np.isfinite(sig)):
+            raise RDCError(f"sigma must be finite and > 0 Hz, got {sigma}")
+        self.sigma = sig
+        self.observed = np.array([c.value for c in self.couplings], dtype=np.float64)
+        self.n = len(self.couplings)
+
+        offs = points.offsets()
+        ends_idx = np.array([[offs[k] + i for k, i in pair] for pair in ends], dtype=np.int32)
+        atom_idx = np.array(points.atoms, dtype=np.int32)
+        amide_idx = np.array(points.amide, dtype=np.int32).reshape(-1, 3)
+        ha_idx = np.array(points.ha, dtype=np.int32).reshape(-1, 4)
+        scale = np.array([scale_by_type[t] for t in self.bond_types], dtype=np.float32)
+        d_obs = jnp.asarray(self.observed, dtype=jnp.float32)
+        inv_sigma = jnp.asarray(1.0 / sig, dtype=jnp.float32)
+        end1, end2 = ends_idx[:, 0], ends_idx[:, 1]
+
+        def member_rows(coords):  # [E, N, 3] -> [E, M, 5]
+            parts = [coords[:, atom_idx]]
+            if len(amide_idx):
+                parts.append(place_amide_h(coords[:, amide_idx[:, 0]], coords[:, amide_idx[:, 1]], coords[:, amide_idx[:, 2]]))
+            if len(ha_idx):
+                parts.append(place_ha(*(coords[:, ha_idx[:, j]] for j in range(4))))
+            pts = jnp.concatenate(parts, axis=1)
+            return design_rows(pts[:, end2] - pts[:, end1], scale)
+
+        def fit_rows(rows, weights):
+            avg = jnp.einsum("e,emk->mk", weights.astype(rows.dtype), rows)
+            return fit_tensor(avg, d_obs.astype(rows.dtype), inv_sigma.astype(rows.dtype))
+
+        def loglik_rows(rows, weights):
+            _, d_calc = fit_rows(rows, weights)
+            r = (d_obs.astype(d_calc.dtype) - d_calc) * inv_sigma.astype(d_calc.dtype)
+            return -0.5 * jnp.sum(r * r)
+
+        self._member_rows_fn = member_rows
+        self._member_rows = jax.jit(member_rows)
+        self._fit = jax.jit(lambda coords, weights: fit_rows(member_rows(coords), weights))
+        self._log_likelihood = jax.jit(lambda coords, weights: loglik_rows(member_rows(coords), weights))
+        self._log_likelihood_from_rows = loglik_rows
+
+    # -- construction helpers ------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _data_chain(atoms: AtomInfo, chain: str | None) -> str:
+        chains = list(dict.fromkeys(str(c) for c, a in zip(atoms.chain_id, atoms.atom_name) if str(a).strip() == "CA"))
+        if chain is not None:
+            if str(chain) not in {str(c) for c in atoms.chain_id}:
+                raise RDCError(f"chain {chain!r} is not in the model (chains with CA atoms: {', '.join(chains) or 'none'})")
+            return str(chain)
+        if len(chains) != 1:
+            raise RDCError(
+                f"the model has {len(chains)} chains with CA atoms ({', '.join(chains)}); say which one the RDC data "
+                "refer to with chain=<id>"
+            )
+        return chains[0]
+
+    @staticmethod
+    def _element_of(ref: AtomRef, index: dict, elements: np.ndarray) -> str:
+        i = index.get((ref.chain, ref.res_seq, ref.name))
+        if i is not None and elements[i].strip():
+            return elements[i]
+        return ref.name[0]  # placed hydrogens (H, HA), or a model without element symbols
+
+    @staticmethod
+    def _point(ref: AtomRef, index, res_name, points: _Points, model_hydrogens: bool, place: bool):
+        """(kind, index) of the point for ``ref``, or (None, reason)."""
+        c, r, name = ref.chain, ref.res_seq, ref.name
+        is_h = name.startswith("H")
+        key = (c, r, name)
+        if key in index and (model_hydrogens or not is_h):
+            return ("atom", points.add("atom", (index[key],))), None
+        resn = res_name.get((c, r), "?")
+        if name == "H":
+            if resn == "PRO":
+                return None, "proline has no amide H"
+            if not place:
+                return None, "no amide H in the model (place_hydrogens is off)"
+            prev = index.get((c, r - 1, "C"))
+            n, ca = index.get((c, r, "N")), index.get((c, r, "CA"))
+            if prev is None:
+                return None, "first residue of the chain (no C of residue i-1 in the model to place the amide H)"
+            if n is None or ca is None:
+                return None, "N or CA missing from the model (cannot place the amide H)"
+            return ("amide", points.add("amide", (prev, n, ca))), None
+        if name in ("HA", "HA2", "HA3"):
+            if resn == "GLY" or name != "HA":
+                return None, "glycine HA2/HA3 are not placed (give a model with hydrogens)"
+            if not place:
+                return None, "no HA in the model (place_hydrogens is off)"
+            found = [index.get((c, r, a)) for a in ("N", "CA", "C", "CB")]
+            if any(i is None for i in found):
+                return None, "N, CA, C or CB missing from the model (cannot place HA)"
+            return ("ha", points.add("ha", tuple(found))), None
+        if is_h and key in index:  # a model hydrogen that model_hydrogens=False asks to ignore
+            return None, f"atom {name} is a model hydrogen and model_hydrogens is off (only H and HA are placed)"
+        return None, f"atom {name} is not in the model"
+
+    # -- the observable ------------------------------------------------------------------------------------------
+
+    def member_predictions(self, coords) -> jnp.ndarray:
+        """Each member's design rows ``[E, M, 5]``; the ensemble's are ``weights @`` these (linear in the weights),
+        which makes refining member weights of a fixed ensemble cheap (``log_likelihood_from_predictions``)."""
+        return self._member_rows(jnp.asarray(coords, dtype=jnp.float32))
+
+    def log_likelihood_from_predictions(self, predictions, weights) -> jnp.ndarray:
+        """``log_likelihood`` from ``member_predictions``: equal to ``log_likelihood(coords, weights)``."""
+        return self._log_likelihood_from_rows(predictions, weights)
+
+    def predict(self, coords, weights) -> jnp.ndarray:
+        """Back-calculated couplings ``[M]`` (Hz, order of ``observed``) with the tensor fitted to this ensemble."""
+        return self._fit(coords, weights)[1]
+
+    def log_likelihood(self, coords, weights) -> jnp.ndarray:
+        """-1/2 sum ((D_obs - D_calc) / sigma)^2 with the best-fit tensor; coords [E, N, 3] (A), weights [E]."""
+        return self._log_likelihood(coords, weights)
+
+    def tensor(self, coords, weights) -> np.ndarray:
+        """The fitted alignment tensor T (3x3, Hz, N-H normalised: D_NH = u^T T u) of the weighted ensemble."""
+        s, _ = self._fit(coords, weights)
+        return saupe_to_matrix(np.asarray(s, dtype=np.float64))
+
+    def report(self, coords, weights) -> dict[str, float]:
+        """Q factor, Da (Hz, N-H), Dr, rhombicity, RMSD (Hz), chi2 (mean squared normalised residual), n, and the
+        counts of couplings dropped (residue not in the model) and skipped (no H, missing atoms); per-type Q factors
+        when there are several bond types."""
+        s, d_calc = self._fit(coords, weights)
+        d_calc = np.asarray(d_calc, dtype=np.float64)
+        res = self.observed - d_calc
+        params = tensor_parameters(saupe_to_matrix(np.asarray(s, dtype=np.float64)))
+        out = {
+            "q_factor": float(np.sqrt(np.sum(res**2) / np.sum(self.observed**2))),
+            "da": float(params["da"]),
+            "dr": float(params["dr"]),
+            "rhombicity": float(params["rhombicity"]),
+            "rmsd": float(np.sqrt(np.mean(res**2))),
+            "chi2": float(np.mean((res / self.sigma) ** 2)),
+            "n": float(self.n),
+            "n_missing": float(self.n_missing),
+            "n_skipped": float(len(self.skipped)),
+        }
+        types = np.asarray(self.bond_types)
+        if len(set(self.bond_types)) > 1:
+            for t in sorted(set(self.bond_types)):
+                sel = types == t
+                out[f"q_factor_{t}"] = float(np.sqrt(np.sum(res[sel] ** 2) / np.sum(self.observed[sel] ** 2)))
+        return out
