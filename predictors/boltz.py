@@ -18,6 +18,7 @@ denoised one (``alignment_reverse_diff``): ``needs_augmentation`` and ``needs_al
 
 from __future__ import annotations
 
+import logging
 import pickle
 import warnings
 from dataclasses import asdict
@@ -41,6 +42,8 @@ __all__ = [
     "tiny_model",
     "unmatched_atoms",
 ]
+
+log = logging.getLogger(__name__)
 
 FAMILIES = ("boltz1", "boltz2")
 # The file names Boltz's own CLI downloads into its cache (``boltz predict`` -> ~/.boltz).
@@ -219,10 +222,16 @@ def sequences_from_structure(path) -> tuple[dict[str, str], dict[str, list[int |
     st.setup_entities()
     model = st[0]
     seqs, numbers = {}, {}
+    skipped = []
     for chain in model:
         polymer = chain.get_polymer()
+        ligands = sorted({r.name for r in chain.get_ligands()})
+        if ligands:
+            skipped.append(f"chain {chain.name} ligands {', '.join(ligands[:5])}")
         if len(polymer) == 0 or polymer.check_polymer_type() not in (gemmi.PolymerType.PeptideL,
                                                                      gemmi.PolymerType.Unknown):
+            if len(polymer):
+                skipped.append(f"chain {chain.name} ({polymer.check_polymer_type().name} polymer)")
             continue
         names = [r.name for r in polymer]
         resnums = [r.seqid.num for r in polymer]
@@ -248,6 +257,8 @@ def sequences_from_structure(path) -> tuple[dict[str, str], dict[str, list[int |
         numbers[chain.name] = resnums
     if not seqs:
         raise ValueError(f"{path}: no protein chain found")
+    if skipped:
+        log.warning("%s: only protein chains are modelled; not modelled: %s", path, "; ".join(skipped))
     return seqs, numbers
 
 

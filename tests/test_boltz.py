@@ -244,6 +244,17 @@ def test_structure_input_uses_seqres_and_file_numbering(models, tmp_path):
     assert len(missing_in_file) == len(d.layout) - 10
 
 
+def test_ligands_in_the_file_are_reported_as_not_modelled(tmp_path, caplog):
+    path = tmp_path / "with_ligand.pdb"
+    het = "HETATM   12  C1  GOL A 101       9.000   9.000   9.000  1.00  0.00           C\n"
+    water = "HETATM   13  O   HOH A 201       8.000   8.000   8.000  1.00  0.00           O\n"
+    path.write_text(PDB.replace("END\n", "TER\n" + het + water + "END\n"))
+    with caplog.at_level("WARNING", logger="predictors.boltz"):
+        seqs, _ = sequences_from_structure(path)
+    assert seqs == {"A": "MGSWK"}
+    assert "not modelled" in caplog.text and "GOL" in caplog.text and "HOH" not in caplog.text
+
+
 def test_nonstandard_residue_in_file_is_named(models, tmp_path):
     path = tmp_path / "mse.pdb"
     path.write_text(PDB.replace("SEQRES   1 A    5  MET GLY", "SEQRES   1 A    5  MET GLY")
