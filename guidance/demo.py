@@ -383,3 +383,44 @@ def write_two_state_structure(path, peptide: TwoStatePeptide, occupancies=(0.6, 
 
     coords = np.stack([peptide.coords_a, peptide.coords_b]).astype(np.float64)
     return write_altloc_structure(path, peptide.layout, coords, occupancies, ids=("A", "B"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# synthetic data of the two-state mixture for the other observables
+
+
+def demo_rdcs(peptide: TwoStatePeptide, occupancies, path, *, da: float = 10.0, rhombicity: float = 0.3,
+              noise: float = 0.5, seed: int = 0) -> Path:
+    """Backbone N-H RDCs (Hz) of the two-state mixture, written as a ``.pa`` file (``<res>N-H <Hz>``).
+
+    A known alignment tensor (``da`` Hz, ``rhombicity``, principal axes turned by a fixed random rotation) acts on the
+    amide N-H vectors of each state (H placed from the backbone as observables.rdc does); the mixture's coupling is the
+    occupancy-weighted mean of the states' couplings, plus Gaussian noise of ``noise`` Hz."""
+    from observables.rdc import alignment_tensor, design_rows, matrix_to_saupe, place_amide_h
+
+    rng = np.random.default_rng(seed)
+    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
+    rot = q * np.sign(np.diag(r))
+    s = matrix_to_saupe(alignment_tensor(da, rhombicity, rot))
+    lay = peptide.layout
+
+    def at(res, name):
+        return np.flatnonzero((lay.res_seq == res) & (lay.atom_name == name))
+
+    residues = [r for r in sorted(set(lay.res_seq.tolist()))[1:]
+                if lay.res_name[lay.res_seq == r][0] != "PRO" and at(r - 1, "C").size]
+    couplings = np.zeros(len(residues))
+    for occ, coords in zip(occupancies, (peptide.coords_a, peptide.coords_b)):
+        c_prev = coords[[int(at(r - 1, "C")[0]) for r in residues]]
+        n = coords[[int(at(r, "N")[0]) for r in residues]]
+        ca = coords[[int(at(r, "CA")[0]) for r in residues]]
+        h = np.asarray(place_amide_h(c_prev, n, ca))
+        couplings += float(occ) * np.asarray(design_rows(h - n, np.ones(len(residues)))) @ s
+    couplings += noise * rng.normal(size=len(residues))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [f"# synthetic N-H RDCs of the two-state demo peptide, occupancies {list(occupancies)}, "
+             f"Da {da} Hz, R {rhombicity}, noise {noise} Hz"]
+    lines += [f"{r}N-H {d:.3f}" for r, d in zip(residues, couplings)]
+    path.write_text("\n".join(lines) + "\n")
+    return path

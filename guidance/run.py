@@ -86,9 +86,13 @@ def _jsonable(obj):
 # ----------------------------------------------------------------------------------------------- building blocks
 
 
-def prepare_demo(cfg, out_dir: Path) -> tuple[Path, Path]:
-    """Generate the embedded two-state case: the altloc structure and a synthetic map of the mixture."""
-    from guidance.demo import build_two_state_peptide, write_two_state_structure
+DATA_KEY = {"density": "map", "noe": "restraints"}  # the key naming an observable's data file (default "data")
+
+
+def prepare_demo(cfg, out_dir: Path) -> tuple[Path, dict[str, Path]]:
+    """Generate the embedded two-state case: the altloc structure and synthetic data of the mixture for each selected
+    observable that has a generator (density map, SAXS profile, N-H RDCs) -> (structure, {observable: data file})."""
+    from guidance.demo import build_two_state_peptide, demo_rdcs, write_two_state_structure
     from observables.base import AtomInfo
     from observables.density import synthetic_map, write_ccp4
 
@@ -97,11 +101,21 @@ def prepare_demo(cfg, out_dir: Path) -> tuple[Path, Path]:
     inputs = out_dir / "inputs"
     structure = write_two_state_structure(inputs / "two_state.pdb", pep, occupancies=tuple(occ))
     atoms = AtomInfo.from_layout(pep.layout)
-    dmap = synthetic_map(atoms, np.stack([pep.coords_a, pep.coords_b]), occ, resolution=float(cfg.demo.resolution))
-    map_path = write_ccp4(inputs / f"two_state_{cfg.demo.resolution}A.ccp4", dmap)
-    log.info("demo: %d-residue peptide, loop %s-%s in two states, map of the %.1f/%.1f mixture at %.1f A -> %s",
-             len(pep.sequence), pep.loop[0], pep.loop[1], occ[0], occ[1], cfg.demo.resolution, inputs)
-    return Path(structure), Path(map_path)
+    states = np.stack([pep.coords_a, pep.coords_b])
+    selected = list(cfg.observables or [])
+    data: dict[str, Path] = {}
+    if "density" in selected:
+        dmap = synthetic_map(atoms, states, occ, resolution=float(cfg.demo.resolution))
+        data["density"] = write_ccp4(inputs / f"two_state_{cfg.demo.resolution}A.ccp4", dmap)
+    if "rdc" in selected:
+        data["rdc"] = demo_rdcs(pep, occ, inputs / "two_state_nh.pa", seed=int(cfg.seed))
+    if "saxs" in selected:
+        from guidance.demo import demo_saxs
+
+        data["saxs"] = demo_saxs(pep, occ, inputs / "two_state_saxs.dat", seed=int(cfg.seed))
+    log.info("demo: %d-residue peptide, loop %s-%s in two states, synthetic data of the %.1f/%.1f mixture (%s) -> %s",
+             len(pep.sequence), pep.loop[0], pep.loop[1], occ[0], occ[1], ", ".join(data) or "none", inputs)
+    return Path(structure), {k: Path(v) for k, v in data.items()}
 
 
 def build_predictor(cfg, conf):
@@ -180,7 +194,7 @@ def _boltz_arch_args(pcfg) -> dict:
     return out
 
 
-def build_objective(cfg, layout, ref_coords, demo_map: Path | None):
+def build_objective(cfg, layout, ref_coords, demo_data: dict[str, Path] | None = None):
     """The observables selected in ``cfg.observables``, built on the atoms of ``layout`` (the predictor's, or the
     structure's in score mode) with the input structure's conformers ``ref_coords [K, N, 3]`` in that order."""
     import observables
@@ -193,10 +207,11 @@ def build_objective(cfg, layout, ref_coords, demo_map: Path | None):
     for name in cfg.observables or {}:
         params = OmegaConf.to_container(cfg.observables[name], resolve=True)
         weight = float(params.pop("weight", 1.0))
-        if name == "density" and params.get("map") is None:
-            if demo_map is None:
-                raise UserError("observables.density.map is required: give a CCP4/MRC/MTZ file")
-            params["map"] = demo_map
+        key = DATA_KEY.get(name, "data")
+        if key in params and params[key] is None:
+            if name not in (demo_data or {}):
+                raise UserError(f"observables.{name}.{key} is required: give the data file")
+            params[key] = demo_data[name]
         try:
             obs = observables.build(name, atoms, **params)
         except (KeyError, TypeError, ValueError, OSError) as exc:  # bad data files, options, unknown names
@@ -286,10 +301,10 @@ def run(cfg, out_dir: Path) -> dict:
 
     t0 = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
-    demo_map = None
+    demo_data = None
     structure = cfg.structure
     if structure is None:
-        structure, demo_map = prepare_demo(cfg, out_dir)
+        structure, demo_data = prepare_demo(cfg, out_dir)
         if cfg.predictor.name == "reference" and not cfg.predictor.get("weights"):
             from omegaconf import open_dict
 
@@ -300,21 +315,21 @@ def run(cfg, out_dir: Path) -> dict:
              len(conf.ids), list(conf.ids), conf.kind, np.round(conf.weights, 3).tolist())
     truth = read_structure(cfg.reference) if cfg.get("reference") else (conf if len(conf.ids) > 1 else None)
     if cfg.mode == "score":
-        metrics = score(cfg, conf, demo_map, truth if cfg.get("reference") else None)
+        metrics = score(cfg, conf, demo_data, truth if cfg.get("reference") else None)
     elif cfg.mode == "sample":
-        metrics = sample(cfg, conf, demo_map, truth, out_dir)
+        metrics = sample(cfg, conf, demo_data, truth, out_dir)
     else:
         raise UserError(f"unknown mode {cfg.mode!r}; use mode=sample or mode=score")
     metrics["runtime_s"] = time.perf_counter() - t0
     return metrics
 
 
-def score(cfg, conf, demo_map, truth) -> dict:
+def score(cfg, conf, demo_data, truth) -> dict:
     """Evaluate the structure's own conformers (models / altlocs at their weights) against the observables."""
     from guidance.metrics import geometry_report
     from guidance.objective import Objective
 
-    terms = build_objective(cfg, conf.layout, conf.coords, demo_map)
+    terms = build_objective(cfg, conf.layout, conf.coords, demo_data)
     if cfg.get("potentials"):
         log.warning("mode=score builds no predictor: potentials %s are not evaluated", list(cfg.potentials))
     objective = Objective(terms, n_members=len(conf.ids), member_weights=conf.weights)
@@ -327,7 +342,7 @@ def score(cfg, conf, demo_map, truth) -> dict:
     return metrics
 
 
-def sample(cfg, conf, demo_map, truth, out_dir: Path) -> dict:
+def sample(cfg, conf, demo_data, truth, out_dir: Path) -> dict:
     """Guided sampling, member-weight refinement and the outputs of DESIGN.md."""
     import torch
 
@@ -348,7 +363,7 @@ def sample(cfg, conf, demo_map, truth, out_dir: Path) -> dict:
                     match.missing_in_dst[:3])
     ref_coords = np.zeros((len(conf.ids), len(predictor.layout), 3), np.float32)
     ref_coords[:, match.dst_index] = conf.coords[:, match.src_index]
-    terms = build_objective(cfg, predictor.layout, ref_coords, demo_map)
+    terms = build_objective(cfg, predictor.layout, ref_coords, demo_data)
 
     scfg, gcfg = cfg.sampler, cfg.guidance
     schedule = _schedule(predictor, scfg)
@@ -509,7 +524,8 @@ def _app(cfg) -> int:
         raise
     metrics["config"] = OmegaConf.to_container(cfg, resolve=True)
     atomic_write(out_dir / "metrics.json", json.dumps(_jsonable(metrics), indent=2))
-    summary = {name: {k: v for k, v in rep.items() if k in ("rscc", "cc_box", "chi2", "q_factor")}
+    headline = ("rscc", "cc_box", "chi2", "q_factor", "rg", "violations", "rms_violation", "rmse_ca", "rmsd")
+    summary = {name: {k: round(v, 4) if isinstance(v, float) else v for k, v in rep.items() if k in headline}
                for name, rep in metrics["observables"].items()}
     ref = metrics.get("reference", {}).get("altlocs", {})
     log.info("done in %.1f s: %s%s -> %s", metrics["runtime_s"], summary,

@@ -116,5 +116,6 @@ def _load_builtin() -> None:
     import observables.density  # noqa: F401  (registers "density")
     import observables.jcoupling  # noqa: F401  (registers "jcoupling")
     import observables.linear  # noqa: F401  (registers "linear_gaussian")
+    import observables.noe  # noqa: F401  (registers "noe")
     import observables.rdc  # noqa: F401  (registers "rdc")
     import observables.shifts  # noqa: F401  (registers "shifts")

@@ -61,6 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from observables.base import AtomInfo, register
+from observables.hydrogens import bisector_h
 from observables.nmr import NmrDataError, read_star
 
 __all__ = [
@@ -165,14 +166,17 @@ def _unit(v, eps: float = 1e-12):
 
 def place_amide_h(c_prev, n, ca, length: float = AMIDE_NH_LENGTH):
     """Amide H positions [..., 3] (A) from C(i-1), N(i), CA(i) [..., 3]: at ``length`` from N along the bisector of
-    the C(i-1)->N and CA->N directions, i.e. along unit(N - C_prev) + unit(N - CA) (the sp2 N in the peptide plane)."""
-    return n + length * _unit(_unit(n - c_prev) + _unit(n - ca))
+    the C(i-1)->N and CA->N directions, i.e. along unit(N - C_prev) + unit(N - CA) (the sp2 N in the peptide plane).
+    The construction is observables.hydrogens.bisector_h, shared with the NOE observable."""
+    neighbours = jnp.stack([c_prev, ca], axis=-2)
+    return bisector_h(n, neighbours, jnp.ones(neighbours.shape[:-1]), length)
 
 
 def place_ha(n, ca, c, cb, length: float = HA_LENGTH):
     """HA positions [..., 3] (A) of non-glycine residues from N, CA, C, CB [..., 3]: at ``length`` from CA opposite
     the sum of the unit bond vectors CA->N, CA->C, CA->CB (exact for an ideal tetrahedron, close otherwise)."""
-    return ca - length * _unit(_unit(n - ca) + _unit(c - ca) + _unit(cb - ca))
+    neighbours = jnp.stack([n, c, cb], axis=-2)
+    return bisector_h(ca, neighbours, jnp.ones(neighbours.shape[:-1]), length)
 
 
 def design_rows(vectors, scale):
