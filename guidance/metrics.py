@@ -1,4 +1,5 @@
-"""Structural metrics of an ensemble, in plain numpy: superposition, RMSD, altloc assignment, backbone geometry.
+"""Structural metrics of an ensemble, in numpy: superposition, RMSD, altloc assignment, LDDT, region RMSD, recovery
+of reference states, and covalent geometry / clash reports (restraints from guidance/geometry.py).
 
 Conventions: coordinates in Angstrom, one structure ``[N, 3]``, an ensemble ``[E, N, 3]``.  A rigid motion
 ``(R, t)`` acts on row-vector coordinates as ``x @ R.T + t``.
@@ -6,10 +7,21 @@ Conventions: coordinates in Angstrom, one structure ``[N, 3]``, an ensemble ``[E
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from scipy.spatial import cKDTree
+
+from guidance.geometry import (
+    CLASH_DISTANCE,
+    backbone_table,
+    build_restraints,
+    count_clashes,
+    geometry_rmsz,
+    rmsz,
+    z_scores,
+)
 
 # --------------------------------------------------------------------------------------------------------------------
 # Superposition and RMSD
@@ -146,74 +158,119 @@ def altloc_assignment(
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Backbone geometry and clashes
+# Benchmark scores: LDDT, region RMSD, recovery of reference states
 # --------------------------------------------------------------------------------------------------------------------
 
-# Ideal backbone geometry, Engh & Huber (1991) Acta Cryst. A47, 392-400, Table 3 (means and standard deviations from
-# small-molecule structures).  Bond lengths in A, angle in degrees.  Residue-specific values for Gly and Pro; the
-# C-N peptide bond takes the value for the residue that owns the N (C-N to Pro differs).
-# The remaining backbone terms (C-O, CA-C-N, C-N-CA, CA-C-O) are given for "default" and "GLY" only; they are used to
-# build ideal peptides (guidance/demo.py), not for the RMSZ below.
-ENGH_HUBER_1991 = {
-    #          N-CA            CA-C            C-N (this N)     N-CA-C
-    "default": {"N-CA": (1.458, 0.019), "CA-C": (1.525, 0.021), "C-N": (1.329, 0.014), "N-CA-C": (111.2, 2.8),
-                "C-O": (1.231, 0.020), "CA-C-N": (116.2, 2.0), "C-N-CA": (121.7, 1.8), "CA-C-O": (120.1, 2.1)},
-    "GLY": {"N-CA": (1.451, 0.016), "CA-C": (1.516, 0.018), "C-N": (1.329, 0.014), "N-CA-C": (112.5, 2.9),
-            "C-O": (1.231, 0.020), "CA-C-N": (116.4, 2.1), "C-N-CA": (120.6, 1.7), "CA-C-O": (120.8, 2.1)},
-    "PRO": {"N-CA": (1.466, 0.015), "CA-C": (1.525, 0.021), "C-N": (1.341, 0.016), "N-CA-C": (111.8, 2.5)},
-}
-
-# Clash rule (kept simple on purpose): two heavy atoms clash when closer than CLASH_DISTANCE unless they are in the
-# same residue, in sequence-adjacent residues of the same chain (|res_seq difference| <= 1, which covers the peptide
-# bond and everything within three bonds of it), or both sulfur (disulfide bridges, S-S 2.04 A).
-CLASH_DISTANCE = 2.2  # A
+LDDT_THRESHOLDS = (0.5, 1.0, 2.0, 4.0)  # A (Mariani et al. 2013)
 
 
-def _ideal(res_name: str, term: str) -> tuple[float, float]:
-    return ENGH_HUBER_1991.get(res_name, ENGH_HUBER_1991["default"])[term]
+def lddt(model, reference, mask=None, inclusion_radius: float = 15.0, thresholds=LDDT_THRESHOLDS,
+         residue_ids=None) -> float:
+    """All-atom local distance difference test of ``model`` against ``reference`` (both [N, 3], same atom order).
+
+    Mariani, Biasini, Barbato & Schwede (2013) Bioinformatics 29:2722.  The pairs scored are the atom pairs (i < j,
+    both in ``mask``) whose distance in the *reference* is below ``inclusion_radius`` (A), excluding pairs of atoms of
+    the same residue when ``residue_ids`` ([N] labels, e.g. from :func:`guidance.geometry.residue_index`) is given.
+    A pair's distance is preserved at threshold t when |d_model - d_reference| < t; the score is the fraction of
+    preserved pairs averaged over ``thresholds`` (the global, pair-pooled score).  Not included: the original's
+    stereochemistry check and its renaming of symmetric side-chain atoms (e.g. Asp OD1/OD2) to the better match.
+    Raises ValueError when no pair is within the radius.
+    """
+    model, reference = _as_structure(model, "model"), _as_structure(reference, "reference")
+    if model.shape != reference.shape:
+        raise ValueError(f"model {model.shape} and reference {reference.shape} must have the same shape")
+    sel = _as_mask(mask, len(reference), "mask") & np.all(np.isfinite(reference), axis=1) & np.all(
+        np.isfinite(model), axis=1)
+    idx = np.flatnonzero(sel)
+    pairs = cKDTree(reference[idx]).query_pairs(inclusion_radius, output_type="ndarray") if len(idx) > 1 else []
+    if len(pairs) == 0:
+        raise ValueError(f"no atom pairs within the inclusion radius {inclusion_radius} A of the reference")
+    i, j = idx[pairs[:, 0]], idx[pairs[:, 1]]
+    if residue_ids is not None:
+        labels = np.asarray(residue_ids)
+        if labels.shape != (len(reference),):
+            raise ValueError(f"residue_ids must have one label per atom ({len(reference)}); got shape {labels.shape}")
+        other = labels[i] != labels[j]
+        i, j = i[other], j[other]
+        if len(i) == 0:
+            raise ValueError("every atom pair within the inclusion radius is inside one residue")
+    d_ref = np.linalg.norm(reference[i] - reference[j], axis=-1)
+    d_mod = np.linalg.norm(model[i] - model[j], axis=-1)
+    diff = np.abs(d_mod - d_ref)
+    return float(np.mean([np.mean(diff < t) for t in thresholds]))
 
 
-def _backbone_index(layout) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray]:
-    """Per residue with N, CA and C: atom indices [R, 3], residue names, chain ids, residue numbers."""
+def region_rmsd(member, target, region_mask, fit_mask=None) -> float:
+    """RMSD (A) over ``region_mask`` atoms after superposing ``member`` onto ``target`` on ``fit_mask`` atoms (by
+    default every atom outside the region: how far the region sits from the target's with the rest of the chain
+    in register)."""
+    member, target = _as_structure(member, "member"), _as_structure(target, "target")
+    region = _as_mask(region_mask, len(member), "region_mask")
+    if not region.any():
+        raise ValueError("region_mask selects no atoms")
+    fit = ~region if fit_mask is None else _as_mask(fit_mask, len(member), "fit_mask")
+    if fit.sum() < 3:
+        raise ValueError(f"superposition needs at least 3 atoms to fit on; the fit mask has {int(fit.sum())}"
+                         " (pass fit_mask explicitly)")
+    return rmsd(superpose(member, target, fit), target, region)
+
+
+def recovery(best_rmsd: dict, threshold: float = 1.0) -> dict[str, Any]:
+    """Which reference states (e.g. altlocs) an ensemble recovers: state k counts as recovered when some member
+    comes within ``threshold`` A of it (best RMSD <= threshold).
+
+    ``best_rmsd`` maps a state id to its best RMSD (a number, None for "not computed", or a dict with a
+    ``best_rmsd`` entry, as :func:`altloc_assignment` returns).  Returns ``recovered`` ({id: bool}),
+    ``n_recovered``, ``n_states``, ``fraction`` (None when there are no states) and ``threshold``."""
+    recovered = {}
+    for sid, value in best_rmsd.items():
+        if isinstance(value, dict):
+            value = value.get("best_rmsd")
+        recovered[str(sid)] = value is not None and np.isfinite(value) and float(value) <= threshold
+    n = sum(recovered.values())
+    return {"recovered": recovered, "n_recovered": int(n), "n_states": len(recovered),
+            "fraction": n / len(recovered) if recovered else None, "threshold": float(threshold)}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Covalent geometry and clashes
+# --------------------------------------------------------------------------------------------------------------------
+
+# Ideal backbone geometry, Engh & Huber (1991) Acta Cryst. A47, 392-400, means and standard deviations (A, degrees),
+# for "default" (non-Gly, non-Pro), "GLY" and "PRO" residues: the backbone rows of the full table
+# guidance/data/engh_huber_1991.csv (which names where each number was read).  C-N, CA-C-N and C-N-CA are the
+# peptide bond to the next residue of the same kind; PRO has only N-CA, CA-C, N-CA-C and C-N (to its own N).
+# guidance/demo.py builds ideal peptides from it.
+ENGH_HUBER_1991 = backbone_table()
+
+
+def _backbone_index(layout) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per residue with N, CA and C: atom indices [R, 3], chain ids, residue numbers."""
     index: dict[tuple[str, int], dict[str, int]] = {}
-    names: dict[tuple[str, int], str] = {}
-    for i, (chain, seq, rname, aname) in enumerate(
-        zip(layout.chain_id.tolist(), layout.res_seq.tolist(), layout.res_name.tolist(), layout.atom_name.tolist())
+    for i, (chain, seq, aname) in enumerate(
+        zip(layout.chain_id.tolist(), layout.res_seq.tolist(), layout.atom_name.tolist())
     ):
         if aname in ("N", "CA", "C"):
             index.setdefault((chain, seq), {})[aname] = i
-            names[(chain, seq)] = rname
     keys = [k for k, v in index.items() if len(v) == 3]
     atoms = np.array([[index[k]["N"], index[k]["CA"], index[k]["C"]] for k in keys], dtype=np.int64).reshape(-1, 3)
-    return atoms, [names[k] for k in keys], np.array([k[0] for k in keys]), np.array([k[1] for k in keys])
+    return atoms, np.array([k[0] for k in keys]), np.array([k[1] for k in keys])
 
 
-def _rmsz(z: np.ndarray) -> float | None:
-    z = z[np.isfinite(z)]
-    return float(np.sqrt(np.mean(z**2))) if z.size else None
+def geometry_report(layout, coords, reference=None) -> dict[str, Any]:
+    """Covalent geometry and clash statistics of an ensemble ``[E, N, 3]`` laid out as ``layout`` (AtomLayout-like).
 
-
-def _count_clashes(xyz: np.ndarray, chain: np.ndarray, seq: np.ndarray, sulfur: np.ndarray) -> int:
-    ok = np.all(np.isfinite(xyz), axis=1)
-    idx = np.flatnonzero(ok)
-    pairs = cKDTree(xyz[idx]).query_pairs(CLASH_DISTANCE, output_type="ndarray")
-    if len(pairs) == 0:
-        return 0
-    i, j = idx[pairs[:, 0]], idx[pairs[:, 1]]
-    bonded_neighbourhood = (chain[i] == chain[j]) & (np.abs(seq[i] - seq[j]) <= 1)
-    disulfide = sulfur[i] & sulfur[j]
-    return int(np.sum(~bonded_neighbourhood & ~disulfide))
-
-
-def geometry_report(layout, coords) -> dict[str, Any]:
-    """Backbone geometry and clash statistics of an ensemble ``[E, N, 3]`` laid out as ``layout`` (AtomLayout-like).
-
-    RMSZ values compare N-CA, CA-C, C-N(next residue) bond lengths and the N-CA-C angle with Engh & Huber (1991)
-    (``ENGH_HUBER_1991``), pooled over all members (``bond_rmsz`` pools the three bond kinds).
-    ``clashes_per_1000_atoms`` is the member-averaged number of clashing heavy-atom pairs (rule at ``CLASH_DISTANCE``)
-    per 1000 heavy atoms.  ``min_ca_ca`` is the smallest CA-CA distance of consecutive residues in any member.  Two
-    residues are consecutive when they are in the same chain with residue numbers differing by one.  Values that
-    cannot be computed (no protein backbone) are ``None``.  ``per_member`` has the same statistics for each member.
+    ``bond_rmsz`` / ``angle_rmsz``: RMSZ of every bond length and bond angle with an Engh & Huber (1991) template
+    (heavy atoms of the 20 amino acids, the peptide bond and a C-terminal OXT; guidance/geometry.py), pooled over
+    all members; ``n_bonds`` / ``n_angles`` count them per member, ``bond_outliers`` / ``angle_outliers`` are the
+    member-mean counts with |z| > 4.  The backbone-only values are kept under ``rmsz_n_ca``, ``rmsz_ca_c``,
+    ``rmsz_c_n`` (peptide bond) and ``rmsz_n_ca_c``.
+    ``clashes_per_1000_atoms``: member-mean number of clashing heavy-atom pairs (closer than ``CLASH_DISTANCE``
+    and more than three bonds apart; rule in guidance/geometry.py) per 1000 heavy atoms.  ``reference`` ([N, 3] or
+    [E, N, 3]) is used to find covalent bonds of ligands and modified residues so they are not counted as clashes;
+    by default they are read from ``coords`` (a bond must hold in every member).
+    ``min_ca_ca``: the smallest CA-CA distance of consecutive residues (same chain, numbers differing by one) in any
+    member.  Values that cannot be computed are None.  ``per_member`` has the same statistics for each member.
     """
     coords = np.asarray(coords, dtype=np.float64)
     if coords.ndim == 2:
@@ -221,61 +278,45 @@ def geometry_report(layout, coords) -> dict[str, Any]:
     if coords.ndim != 3 or coords.shape[1:] != (len(layout), 3):
         raise ValueError(f"coords must have shape [E, {len(layout)}, 3] to match the layout; got {coords.shape}")
     n_members = len(coords)
+    restraints = build_restraints(layout, coords if reference is None else reference)
+    zb, za = z_scores(restraints, coords)
+    geo = geometry_rmsz(layout, coords, restraints)
+    clashes = count_clashes(layout, coords, CLASH_DISTANCE, restraints)
 
-    bb, res_names, bb_chain, bb_seq = _backbone_index(layout)
+    bb, bb_chain, bb_seq = _backbone_index(layout)
     consecutive = np.flatnonzero((bb_chain[:-1] == bb_chain[1:]) & (bb_seq[1:] - bb_seq[:-1] == 1))
-
-    ideal = {
-        term: np.array([_ideal(r, term) for r in res_names], dtype=np.float64).reshape(-1, 2)
-        for term in ("N-CA", "CA-C", "N-CA-C")
-    }
-    ideal_cn = np.array([_ideal(res_names[k + 1], "C-N") for k in consecutive], dtype=np.float64).reshape(-1, 2)
-
-    n_xyz, ca_xyz, c_xyz = (coords[:, bb[:, a]] for a in range(3))  # each [E, R, 3]
-    z = {
-        "N-CA": (np.linalg.norm(ca_xyz - n_xyz, axis=-1) - ideal["N-CA"][:, 0]) / ideal["N-CA"][:, 1],
-        "CA-C": (np.linalg.norm(c_xyz - ca_xyz, axis=-1) - ideal["CA-C"][:, 0]) / ideal["CA-C"][:, 1],
-        "C-N": (np.linalg.norm(n_xyz[:, consecutive + 1] - c_xyz[:, consecutive], axis=-1) - ideal_cn[:, 0])
-        / ideal_cn[:, 1],
-    }
-    u, v = n_xyz - ca_xyz, c_xyz - ca_xyz
-    cos = np.sum(u * v, axis=-1) / (np.linalg.norm(u, axis=-1) * np.linalg.norm(v, axis=-1))
-    angle = np.degrees(np.arccos(np.clip(cos, -1.0, 1.0)))
-    z["N-CA-C"] = (angle - ideal["N-CA-C"][:, 0]) / ideal["N-CA-C"][:, 1]
+    ca_xyz = coords[:, bb[:, 1]]
     ca_ca = np.linalg.norm(ca_xyz[:, consecutive + 1] - ca_xyz[:, consecutive], axis=-1)  # [E, R-1]
-
-    element = np.char.upper(np.asarray(layout.element).astype(str))
-    heavy = ~np.isin(element, ["H", "D"])
-    chain = np.asarray(layout.chain_id).astype(str)[heavy]
-    seq = np.asarray(layout.res_seq).astype(np.int64)[heavy]
-    sulfur = element[heavy] == "S"
-    n_heavy = int(heavy.sum())
-    clashes = np.array([_count_clashes(coords[e][heavy], chain, seq, sulfur) for e in range(n_members)], dtype=float)
-    clash_rate = clashes * 1000.0 / max(n_heavy, 1)
-
-    def bond_z(sel):
-        return np.concatenate([z["N-CA"][sel].ravel(), z["CA-C"][sel].ravel(), z["C-N"][sel].ravel()])
 
     def finite_min(x):
         x = x[np.isfinite(x)]
         return float(x.min()) if x.size else None
 
+    def kind_rmsz(z, kinds, kind):
+        return rmsz(z[:, kinds == kind])
+
     return {
         "n_members": n_members,
-        "n_residues_backbone": len(res_names),
-        "bond_rmsz": _rmsz(bond_z(slice(None))),
-        "angle_rmsz": _rmsz(z["N-CA-C"].ravel()),
-        "rmsz_n_ca": _rmsz(z["N-CA"].ravel()),
-        "rmsz_ca_c": _rmsz(z["CA-C"].ravel()),
-        "rmsz_c_n": _rmsz(z["C-N"].ravel()),
-        "rmsz_n_ca_c": _rmsz(z["N-CA-C"].ravel()),
-        "clashes_per_1000_atoms": float(clash_rate.mean()),
+        "n_residues_backbone": len(bb),
+        "bond_rmsz": geo["bond_rmsz"],
+        "angle_rmsz": geo["angle_rmsz"],
+        "n_bonds": geo["n_bonds"],
+        "n_angles": geo["n_angles"],
+        "bond_outliers": geo["bond_outliers"],
+        "angle_outliers": geo["angle_outliers"],
+        "rmsz_n_ca": kind_rmsz(zb, restraints.bond_kind, "N-CA"),
+        "rmsz_ca_c": kind_rmsz(zb, restraints.bond_kind, "CA-C"),
+        "rmsz_c_n": kind_rmsz(zb, restraints.bond_kind, "C(-1)-N"),
+        "rmsz_n_ca_c": kind_rmsz(za, restraints.angle_kind, "N-CA-C"),
+        "clashes_per_1000_atoms": clashes["clashes_per_1000_atoms"],
         "min_ca_ca": finite_min(ca_ca.ravel()),
         "per_member": {
-            "bond_rmsz": [_rmsz(bond_z(e)) for e in range(n_members)],
-            "angle_rmsz": [_rmsz(z["N-CA-C"][e]) for e in range(n_members)],
-            "clashes": clashes.astype(int).tolist(),
-            "clashes_per_1000_atoms": clash_rate.tolist(),
+            "bond_rmsz": geo["per_member"]["bond_rmsz"],
+            "angle_rmsz": geo["per_member"]["angle_rmsz"],
+            "bond_outliers": geo["per_member"]["bond_outliers"],
+            "angle_outliers": geo["per_member"]["angle_outliers"],
+            "clashes": clashes["clashes"],
+            "clashes_per_1000_atoms": clashes["per_member_per_1000_atoms"],
             "min_ca_ca": [finite_min(ca_ca[e]) for e in range(n_members)],
         },
     }

@@ -232,8 +232,18 @@ def build_potentials(cfg, predictor) -> list:
     for name in cfg.get("potentials") or {}:
         params = OmegaConf.to_container(cfg.potentials[name], resolve=True)
         weight = float(params.pop("weight", 1.0))
+        if name == "geometry":
+            from guidance.geometry import GeometryPotential
+
+            try:
+                pot = GeometryPotential(predictor.layout, **params)
+            except TypeError as exc:
+                raise UserError(f"potentials.geometry: {exc}") from exc
+            out.append(PotentialTerm(name, pot.energy_and_grad, weight))
+            log.info("potential geometry (weight %.3g): Engh & Huber bonds and angles + clash wall, %s", weight, params)
+            continue
         if name != "boltz":
-            raise UserError(f"unknown potential {name!r}; available: boltz")
+            raise UserError(f"unknown potential {name!r}; available: boltz, geometry")
         if not callable(getattr(predictor, "potentials", None)):
             raise UserError(f"potentials=[boltz] needs a Boltz predictor (predictor=boltz1 or boltz2), "
                             f"not predictor={cfg.predictor.name}")
