@@ -139,6 +139,8 @@ OMEGA_TRANS = 180.0
 DEFAULT_SEQUENCE = "EELKEEIKEGAATSASGEKSLEKAEEL"
 DEFAULT_LOOP = (11, 16)
 DEFAULT_SWING_DEG = 134.49
+# Lys 4 in the all-trans rotamer "tttt": with the default "mttt" its NZ ran into Glu 25's carboxylate (1.1 A)
+DEFAULT_CHIS = {3: (-177.0, 180.0, 180.0, 180.0)}
 DEFAULT_PHI_PSI = (
     [ALPHA_HELIX] * 9
     + [(-62.44, -58.20)]  # Gly 10, first pivot
@@ -305,11 +307,14 @@ def _moving_atoms(layout: AtomLayout, loop: tuple[int, int]) -> np.ndarray:
     return loop | ((rs == first - 1) & np.isin(names, ["C", "O"])) | ((rs == last + 1) & (names == "N"))
 
 
-def _close_in_bond_graph(coords: np.ndarray, bonds: int = 2) -> np.ndarray:
-    """[N, N] bool: atom pairs at most ``bonds`` covalent bonds apart (and the diagonal).  Bonds are heavy-atom
-    pairs closer than 1.9 A in ``coords`` (an ideal structure, so no false bonds)."""
-    d = np.linalg.norm(coords[:, None] - coords[None], axis=-1)
-    step = ((d < 1.9) | np.eye(len(coords), dtype=bool)).astype(np.int64)
+def _close_in_bond_graph(layout: AtomLayout, bonds: int = 2) -> np.ndarray:
+    """[N, N] bool: atom pairs at most ``bonds`` covalent bonds apart (and the diagonal), from the residue topology
+    (guidance.geometry's Engh & Huber templates), not from distances -- so an overlap cannot pass for a bond."""
+    from guidance.geometry import build_restraints
+
+    pairs = build_restraints(layout).bonds
+    step = np.eye(len(layout), dtype=np.int64)
+    step[pairs[:, 0], pairs[:, 1]] = step[pairs[:, 1], pairs[:, 0]] = 1
     within = step.copy()
     for _ in range(bonds - 1):
         within = np.minimum(within @ step, 1)
@@ -354,12 +359,15 @@ def build_two_state_peptide(
                 f" pass phi_psi ([{len(sequence)}, 2] degrees) for a {len(sequence)}-residue peptide with loop {loop}"
             )
         phi_psi = DEFAULT_PHI_PSI
-    layout, coords_a = build_peptide(sequence, phi_psi)
+        chis = DEFAULT_CHIS
+    else:
+        chis = None
+    layout, coords_a = build_peptide(sequence, phi_psi, chis=chis)
     index = layout.index()
     moving = _moving_atoms(layout, (first, last))
     coords_b = crankshaft(coords_a, coords_a[index[("A", first - 1, "CA")]], coords_a[index[("A", last + 1, "CA")]],
                           moving, swing_deg)
-    close = _close_in_bond_graph(coords_a)
+    close = _close_in_bond_graph(layout)
     for state, xyz in (("A", coords_a), ("B", coords_b)):
         dist, pair = _closest_nonbonded(layout, xyz, close)
         if dist < min_distance:
@@ -422,5 +430,36 @@ def demo_rdcs(peptide: TwoStatePeptide, occupancies, path, *, da: float = 10.0, 
     lines = [f"# synthetic N-H RDCs of the two-state demo peptide, occupancies {list(occupancies)}, "
              f"Da {da} Hz, R {rhombicity}, noise {noise} Hz"]
     lines += [f"{r}N-H {d:.3f}" for r, d in zip(residues, couplings)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def demo_saxs(peptide: TwoStatePeptide, occupancies, path, *, q_max: float = 0.5, n_points: int = 100,
+              relative_error: float = 0.01, seed: int = 0) -> Path:
+    """A SAXS profile (q in 1/A, I, sigma) of the two-state mixture, written as a 3-column ``.dat`` file.
+
+    The intensity is observables.saxs's exact Debye model (implicit hydrogens, excluded volume c1 = 1, hydration
+    c2 = 1) of the occupancy-weighted ensemble -- intensities of the states add with their occupancies -- on
+    ``n_points`` q values up to ``q_max``; sigma = ``relative_error`` x I plus 0.1 % of I(0) (a detector floor), and
+    Gaussian noise of that sigma is added."""
+    import jax.numpy as jnp
+
+    from observables.base import AtomInfo
+    from observables.saxs import SaxsObservable, SaxsProfile
+
+    q = np.linspace(0.01, q_max, n_points)
+    dummy = SaxsProfile(q, np.ones_like(q), np.ones_like(q), source="demo q grid")
+    obs = SaxsObservable(AtomInfo.from_layout(peptide.layout), data=dummy, mode="exact", fit_c1_c2=False, c1=1.0,
+                         c2=1.0)
+    states = jnp.asarray(np.stack([peptide.coords_a, peptide.coords_b]), dtype=jnp.float32)
+    intensity = np.asarray(obs.predict(states, jnp.asarray(occupancies, dtype=jnp.float32)), dtype=np.float64)
+    intensity = intensity / intensity[0]  # arbitrary units, I(q_min) = 1
+    sigma = relative_error * intensity + 1e-3
+    rng = np.random.default_rng(seed)
+    noisy = intensity + sigma * rng.normal(size=n_points)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [f"# synthetic SAXS profile of the two-state demo peptide, occupancies {list(occupancies)}; q (1/A), I, sigma"]
+    lines += [f"{a:.6f} {b:.6e} {c:.6e}" for a, b, c in zip(q, noisy, sigma)]
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -118,4 +118,5 @@ def _load_builtin() -> None:
     import observables.linear  # noqa: F401  (registers "linear_gaussian")
     import observables.noe  # noqa: F401  (registers "noe")
     import observables.rdc  # noqa: F401  (registers "rdc")
+    import observables.saxs  # noqa: F401  (registers "saxs")
     import observables.shifts  # noqa: F401  (registers "shifts")
