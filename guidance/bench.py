@@ -1,0 +1,773 @@
+"""ensemble-bench: how well does predictor X, guided by method Y at strength Z, recover the alternate conformations of
+PDB entries, and at what cost in geometry?
+
+    ensemble-bench manifest=benchmarks/altloc_small.csv out_dir=bench/run1            # the grid in configs/bench.yaml
+    ensemble-bench manifest=... grid.guidance=[none,dps,fk] grid.strength=[0.5,1,2] hydra/launcher=joblib
+
+One *job* is one cell of the grid  entry x predictor x guidance x ensemble size x strength x occupancy x potentials x
+seed.  Jobs are independent Hydra multirun jobs (``job.*`` keys), so Hydra's launchers scale them out:
+``hydra/launcher=joblib`` runs them in parallel on this machine, ``hydra/launcher=submitit_slurm`` on a cluster.  The
+``ensemble-bench`` command expands the manifest and ``grid.*`` into that sweep, runs it, then aggregates every result
+into ``results.csv``, ``report.md`` and ``plots/``.
+
+Per entry (cached under ``<out_dir>/entries/<name>/``): the altloc structure is read; the altloc regions are taken from
+the manifest or detected (contiguous residues with alternate conformers, at least ``regions.min_span`` long); the first
+two conformers are the states A and B; the structure is carved to the residues within ``carve`` A of the regions.
+Per occupancy b of B: unless the entry gives an experimental map, a synthetic map of the mixture (A at 1 - b, B at b)
+is made with gemmi's DensityCalculator -- a forward model independent of the one guidance uses -- optionally with
+Gaussian noise at a signal-to-noise ratio.
+
+Per job: the guided run (guidance/run.py, composed from configs/run.yaml plus the job's overrides) writes its outputs
+under ``<out_dir>/jobs/<key>/``; the metrics below go to ``<out_dir>/results/<key>.json``, written atomically.  A job
+whose result exists is skipped (``force=true`` redoes it); a job that raises is recorded as failed with its error and
+the others go on.  For the reference prior, ``predictors.reference`` makes it a single-state prior (altloc A only, with
+its ANM flexibility), so guidance has to find B.
+
+Metrics (``bench_metrics``): RSCC over the altloc regions (+2 A) and CC over the box against the map the run was
+guided by; per altloc, the best member RMSD over the regions after superposition on the rest of the carved chain, and
+recovery (some member within 1.0 A); member-weighted assigned fractions against the true occupancies (absolute error);
+all-atom LDDT of the best member to each altloc; clashes per 1000 atoms; bond-length and bond-angle RMSZ against
+Engh & Huber; wall time.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import re
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from itertools import product
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("ensemble_bench")
+
+GRID_KEYS = ("entry", "predictor", "guidance", "ensemble_size", "strength", "occupancy", "potentials", "seed")
+
+
+class BenchError(ValueError):
+    """A bad manifest or bench configuration (the message names the file/row and what to do)."""
+
+
+# ----------------------------------------------------------------------------------------------------- manifest
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One manifest row: a structure with altlocs, an optional experimental map and the altloc regions to judge."""
+
+    name: str
+    structure: Path
+    map: Path | None = None
+    resolution: float | None = None  # A; the synthetic maps' resolution when null (bench.yaml synthetic.resolution)
+    regions: tuple[tuple[str, int, int], ...] = ()  # (chain, first, last); empty = detected
+    mtz_columns: str | None = None
+
+
+_REGION = re.compile(r"^\s*([A-Za-z0-9]+)\s*:\s*(-?\d+)\s*(?:-\s*(-?\d+))?\s*$")
+
+
+def parse_regions(text, where: str = "") -> tuple[tuple[str, int, int], ...]:
+    """``"A:180-184"``, ``"A:180-184; B:60-67"``, ``"A:42"`` or a list of such strings -> ((chain, first, last), ...)."""
+    if text is None or (isinstance(text, str) and not text.strip()):
+        return ()
+    parts = text if isinstance(text, (list, tuple)) else re.split(r"[;,]", str(text))
+    out = []
+    for part in parts:
+        m = _REGION.match(str(part))
+        if not m:
+            raise BenchError(f"{where}region {part!r}: write it as CHAIN:FIRST-LAST, e.g. A:180-184")
+        first = int(m.group(2))
+        last = int(m.group(3)) if m.group(3) is not None else first
+        if last < first:
+            raise BenchError(f"{where}region {part!r}: the last residue comes before the first")
+        out.append((m.group(1), first, last))
+    return tuple(out)
+
+
+def _entry(row: dict, base: Path, where: str) -> Entry:
+    def path_of(key):
+        value = row.get(key)
+        if value is None or str(value).strip() in ("", "null", "None"):
+            return None
+        p = Path(os.path.expandvars(str(value).strip())).expanduser()
+        return p if p.is_absolute() else (base / p).resolve()
+
+    name = str(row.get("name") or "").strip()
+    structure = path_of("structure")
+    if not name or structure is None:
+        raise BenchError(f"{where}every entry needs a name and a structure")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise BenchError(f"{where}entry name {name!r}: use letters, digits, '_', '.', '-' only")
+    if not structure.is_file():
+        raise BenchError(f"{where}structure not found: {structure}")
+    map_path = path_of("map")
+    if map_path is not None and not map_path.is_file():
+        raise BenchError(f"{where}map not found: {map_path}")
+    res = row.get("resolution")
+    try:
+        resolution = None if res in (None, "", "null") else float(res)
+    except ValueError:
+        raise BenchError(f"{where}resolution {res!r} is not a number (A)") from None
+    if map_path is not None and resolution is None:
+        raise BenchError(f"{where}an experimental map needs its resolution")
+    return Entry(name, structure, map_path, resolution, parse_regions(row.get("region"), where),
+                 (str(row["mtz_columns"]) if row.get("mtz_columns") else None))
+
+
+def read_manifest(path) -> list[Entry]:
+    """Entries of a CSV (header: name, structure[, map, resolution, region, mtz_columns]) or YAML manifest (a list
+    of mappings with the same keys, or ``{entries: [...]}``).  Relative paths are relative to the manifest's folder;
+    ``$VARS`` and ``~`` are expanded."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise BenchError(f"manifest not found: {path}")
+    base = path.resolve().parent
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        doc = yaml.safe_load(path.read_text())
+        rows = doc.get("entries") if isinstance(doc, dict) else doc
+        if not isinstance(rows, list):
+            raise BenchError(f"{path}: expected a list of entries (or 'entries: [...]')")
+        entries = [_entry(dict(r), base, f"{path} entry {k + 1}: ") for k, r in enumerate(rows)]
+    else:
+        with path.open(newline="") as fh:
+            lines = [ln for ln in fh if ln.strip() and not ln.lstrip().startswith("#")]
+        reader = csv.DictReader(lines)
+        if not reader.fieldnames or not {"name", "structure"} <= {f.strip() for f in reader.fieldnames}:
+            raise BenchError(f"{path}: the CSV header must name at least 'name' and 'structure'")
+        entries = [_entry({k.strip(): (v.strip() if isinstance(v, str) else v) for k, v in r.items() if k},
+                          base, f"{path} row {k + 2}: ") for k, r in enumerate(reader)]
+    names = [e.name for e in entries]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise BenchError(f"{path}: duplicate entry names {dup}")
+    if not entries:
+        raise BenchError(f"{path}: no entries")
+    return entries
+
+
+# ----------------------------------------------------------------------------------------------------- the grid
+
+
+@dataclass(frozen=True)
+class Cell:
+    entry: str
+    predictor: str = "reference"
+    guidance: str = "fk"
+    ensemble_size: int = 4
+    strength: float = 1.0
+    occupancy: float = 0.5  # of altloc B in the synthetic map
+    potentials: str = "none"  # none | geometry | boltz | "geometry+boltz"
+    seed: int = 0
+
+    @property
+    def key(self) -> str:
+        return (f"{self.entry}__{self.predictor}__{self.guidance}__E{self.ensemble_size}__s{self.strength:g}"
+                f"__b{self.occupancy:g}__{self.potentials.replace('+', '-')}__seed{self.seed}")
+
+
+def expand_grid(entries: list[str], grid) -> list[Cell]:
+    """Every combination of the entries and the ``grid`` lists, in a fixed order."""
+    axes = [list(entries)] + [list(grid[k]) for k in GRID_KEYS[1:]]
+    cells = []
+    for values in product(*axes):
+        kw = dict(zip(GRID_KEYS, values))
+        cells.append(Cell(entry=str(kw["entry"]), predictor=str(kw["predictor"]), guidance=str(kw["guidance"]),
+                          ensemble_size=int(kw["ensemble_size"]), strength=float(kw["strength"]),
+                          occupancy=float(kw["occupancy"]), potentials=str(kw["potentials"]), seed=int(kw["seed"])))
+    return cells
+
+
+# ----------------------------------------------------------------------------------------------------- entries
+
+
+@dataclass
+class Prepared:
+    """An entry ready for jobs: the carved two-state structure and the arrays the metrics need."""
+
+    entry: Entry
+    structure: Path  # carved structure with altlocs A/B
+    layout: object  # AtomLayout of the carved structure
+    states: np.ndarray  # [2, N, 3]: A, B
+    region: np.ndarray  # [N] bool
+    regions: tuple[tuple[str, int, int], ...]
+    ids: tuple[str, str]
+    source_ids: list[str] = field(default_factory=list)
+
+
+def _residue_keys(layout) -> list[tuple[str, int]]:
+    return list(zip(np.asarray(layout.chain_id).tolist(), np.asarray(layout.res_seq).tolist()))
+
+
+def region_mask(layout, regions) -> np.ndarray:
+    chain, seq = np.asarray(layout.chain_id).astype(str), np.asarray(layout.res_seq)
+    mask = np.zeros(len(chain), bool)
+    for c, first, last in regions:
+        mask |= (chain == c) & (seq >= first) & (seq <= last)
+    return mask
+
+
+def prepare_entry(entry: Entry, work: Path, *, min_span: int = 2, carve: float | None = 10.0) -> Prepared:
+    """Read, pick the regions and states, carve and write ``work/model.pdb`` (atomically; idempotent)."""
+    from scipy.spatial import cKDTree
+
+    from guidance.structure import altloc_regions, read_structure, write_altloc_structure
+
+    conf = read_structure(entry.structure)
+    if len(conf.ids) < 2:
+        raise BenchError(f"{entry.name}: {entry.structure} has no alternate conformations (altlocs)")
+    regions = entry.regions or tuple(altloc_regions(conf, min_span=min_span))
+    if not regions:
+        raise BenchError(f"{entry.name}: no altloc region spans >= {min_span} residues; give one in the manifest")
+    mask = region_mask(conf.layout, regions)
+    if not mask.any():
+        raise BenchError(f"{entry.name}: regions {list(regions)} select no atoms of {entry.structure}")
+    states = conf.coords[:2]
+    keep = np.ones(len(conf.layout), bool)
+    if carve:
+        near = np.zeros(len(conf.layout), bool)
+        for s in states:
+            hits = cKDTree(np.concatenate([x[mask] for x in states])).query_ball_point(s, r=float(carve))
+            near |= np.array([len(h) > 0 for h in hits])
+        residues = set(k for k, n in zip(_residue_keys(conf.layout), near) if n)
+        keep = np.array([k in residues for k in _residue_keys(conf.layout)])
+    layout = conf.layout.select(keep)
+    states = states[:, keep]
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / "model.pdb"
+    if not path.is_file():
+        write_altloc_structure(path, layout, states.astype(np.float64), (0.5, 0.5), ids=("A", "B"))
+    return Prepared(entry, path, layout, states.astype(np.float32), region_mask(layout, regions), tuple(regions),
+                    ("A", "B"), list(conf.ids))
+
+
+def synthetic_map(prep: Prepared, occupancy_b: float, resolution: float, path: Path, *, b_factor: float = 20.0,
+                  snr: float | None = None, seed: int = 0, padding: float = 6.0):
+    """The map of the A/B mixture (A at 1 - b, B at b; atoms where A and B coincide once at full occupancy) computed
+    by gemmi's DensityCalculatorX (IT92 form factors, uniform ``b_factor`` plus the resolution blur of
+    observables.density.resolution_blur) on a P1 cell around the carved model,
+    boxed to the atoms + ``padding`` A, at spacing resolution / 4; Gaussian noise of std = (map std) / ``snr`` when
+    ``snr`` is given.  Written as CCP4 (atomically); an existing file is reused."""
+    import gemmi
+
+    from observables.density import DensityMap, read_map, resolution_blur, write_ccp4
+
+    if path.is_file():
+        return path
+    a, b = prep.states
+    moved = np.linalg.norm(a - b, axis=-1) > 1e-3
+    st = gemmi.Structure()
+    model = gemmi.Model("1")
+    chain = gemmi.Chain("A")
+    res = gemmi.Residue()
+    res.name = "UNL"
+    res.seqid = gemmi.SeqId(1, " ")
+    element = np.asarray(prep.layout.element).astype(str)
+    for xyz_set, occ in ((a, np.where(moved, 1.0 - occupancy_b, 1.0)), (b[moved], np.full(moved.sum(), occupancy_b))):
+        elements = element if len(xyz_set) == len(element) else element[moved]
+        for xyz, el, o in zip(xyz_set, elements, occ):
+            if o <= 0:
+                continue
+            atom = gemmi.Atom()
+            atom.name = el
+            atom.element = gemmi.Element(el)
+            atom.pos = gemmi.Position(*map(float, xyz))
+            atom.occ = float(o)
+            atom.b_iso = float(b_factor)
+            res.add_atom(atom)
+    chain.add_residue(res)
+    model.add_chain(chain)
+    st.add_model(model)
+    points = np.concatenate([a, b])
+    lo, hi = points.min(0) - padding, points.max(0) + padding
+    spacing = resolution / 4.0
+    size = np.ceil((hi - lo + 2 * padding) / spacing).astype(int) + 1  # the cell: box + margin, so nothing wraps in
+    size = size + size % 2
+    st.cell = gemmi.UnitCell(*(size * spacing).tolist(), 90, 90, 90)
+    st.spacegroup_hm = "P 1"
+    dc = gemmi.DensityCalculatorX()
+    dc.blur = resolution_blur(resolution)  # no d_min: gemmi would then re-size the grid to d_min / (2 rate)
+    dc.grid.set_unit_cell(st.cell)
+    dc.grid.spacegroup = gemmi.SpaceGroup("P 1")
+    dc.grid.set_size(*size.tolist())
+    dc.put_model_density_on_grid(st[0])
+    start = np.floor(lo / spacing).astype(int)
+    shape = (np.ceil((hi - lo) / spacing).astype(int) + 1).tolist()
+    values = np.array(dc.grid.get_subarray(start.tolist(), shape), dtype=np.float32)
+    if snr:
+        rng = np.random.default_rng(seed)
+        values = values + rng.normal(0.0, float(values.std()) / float(snr), values.shape).astype(np.float32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_ccp4(path, DensityMap(values, start * spacing, np.full(3, spacing)))
+    read_map(path)  # a written map must read back
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------- metrics
+
+
+def _map_correlations(members, weights, element, map_path: Path, resolution: float, region_points: np.ndarray,
+                      b_factor: float = 20.0, radius: float = 2.0) -> dict:
+    """RSCC within ``radius`` A of ``region_points`` and CC over the box, between the map and the weighted ensemble's
+    model map (gemmi DensityCalculatorX on the map's grid)."""
+    import gemmi
+
+    from observables.density import read_map, resolution_blur
+
+    target = read_map(map_path)
+    shape = np.array(target.shape)
+    spacing = np.asarray(target.spacing)
+    margin = np.ceil(8.0 / spacing).astype(int)
+    size = shape + 2 * margin
+    size = size + size % 2
+    start = np.round(np.asarray(target.origin) / spacing).astype(int) - margin
+    st = gemmi.Structure()
+    model = gemmi.Model("1")
+    chain = gemmi.Chain("A")
+    res = gemmi.Residue()
+    res.name = "UNL"
+    res.seqid = gemmi.SeqId(1, " ")
+    for coords, w in zip(members, weights):
+        for xyz, el in zip(coords - start * spacing, element):  # shift into the cell
+            atom = gemmi.Atom()
+            atom.name = el
+            atom.element = gemmi.Element(el)
+            atom.pos = gemmi.Position(*map(float, xyz))
+            atom.occ = float(w)
+            atom.b_iso = float(b_factor)
+            res.add_atom(atom)
+    chain.add_residue(res)
+    model.add_chain(chain)
+    st.add_model(model)
+    st.cell = gemmi.UnitCell(*(size * spacing).tolist(), 90, 90, 90)
+    dc = gemmi.DensityCalculatorX()
+    dc.blur = resolution_blur(resolution)  # no d_min: gemmi would then re-size the grid to d_min / (2 rate)
+    dc.grid.set_unit_cell(st.cell)
+    dc.grid.spacegroup = gemmi.SpaceGroup("P 1")
+    dc.grid.set_size(*size.tolist())
+    dc.put_model_density_on_grid(st[0])
+    model_map = np.array(dc.grid.get_subarray(margin.tolist(), shape.tolist()), dtype=np.float64)
+    values = np.asarray(target.values, dtype=np.float64)
+    axes = [np.asarray(target.origin)[k] + np.arange(shape[k]) * spacing[k] for k in range(3)]
+    grid_points = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
+    from scipy.spatial import cKDTree
+
+    near = cKDTree(region_points).query(grid_points, distance_upper_bound=radius)[0] <= radius
+
+    def cc(x, y):
+        x, y = x - x.mean(), y - y.mean()
+        d = math.sqrt(float((x * x).sum() * (y * y).sum()))
+        return float((x * y).sum() / d) if d > 0 else float("nan")
+
+    return {"rscc_region": cc(values.reshape(-1)[near], model_map.reshape(-1)[near]),
+            "cc_box": cc(values.reshape(-1), model_map.reshape(-1)), "region_grid_points": int(near.sum())}
+
+
+def bench_metrics(prep: Prepared, members: np.ndarray, weights: np.ndarray, occupancy_b: float, map_path: Path,
+                  resolution: float, *, recovery_threshold: float = 1.0) -> dict:
+    """The per-job metrics of the module docstring for an ensemble ``members [E, N, 3]`` on ``prep.layout``."""
+    from guidance.geometry import residue_index
+    from guidance.metrics import altloc_assignment, geometry_report, lddt, region_rmsd
+
+    members = np.asarray(members, dtype=np.float64)
+    weights = np.asarray(weights, dtype=np.float64) / np.sum(weights)
+    region = prep.region
+    fit = ~region if (~region).sum() >= 3 else region  # a region covering (almost) everything: fit on itself
+    out: dict = {"n_atoms": int(len(region)), "n_region_atoms": int(region.sum()),
+                 "ab_region_rmsd": float(region_rmsd(prep.states[1], prep.states[0], region, fit))}
+    true_occ = {"A": 1.0 - occupancy_b, "B": occupancy_b}
+    residues = residue_index(prep.layout)  # LDDT leaves out pairs within a residue
+    assign = altloc_assignment(members, weights, prep.states, prep.ids, region, fit_mask=fit, superpose_first=True)
+    for k, alt in enumerate(prep.ids):
+        rmsds = [float(region_rmsd(m, prep.states[k], region, fit)) for m in members]
+        best = int(np.argmin(rmsds))
+        out[f"best_rmsd_{alt}"] = rmsds[best]
+        out[f"recovered_{alt}"] = bool(rmsds[best] <= recovery_threshold)
+        out[f"lddt_{alt}"] = float(max(lddt(m, prep.states[k], residue_ids=residues) for m in members))
+        out[f"fraction_{alt}"] = assign[alt]["assigned_fraction"]
+        out[f"fraction_error_{alt}"] = abs(assign[alt]["assigned_fraction"] - true_occ[alt])
+    geo = geometry_report(prep.layout, members)
+    out.update({"bond_rmsz": geo["bond_rmsz"], "angle_rmsz": geo["angle_rmsz"],
+                "clashes_per_1000_atoms": geo["clashes_per_1000_atoms"]})
+    element = np.asarray(prep.layout.element).astype(str)
+    region_points = np.concatenate([s[region] for s in prep.states])
+    out.update(_map_correlations(members, weights, element, map_path, resolution, region_points))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------- one job
+
+
+def _atomic_json(path: Path, obj) -> None:
+    from guidance.structure import atomic_write
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, json.dumps(obj, indent=2, default=_json_default))
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(type(o).__name__)
+
+
+def _potential_overrides(potentials: str) -> list[str]:
+    names = [p for p in potentials.split("+") if p and p != "none"]
+    return [f"potentials=[{','.join(names)}]"] if names else []
+
+
+def run_overrides(cfg, cell: Cell, prep: Prepared, map_path: Path, resolution: float, job_dir: Path) -> list[str]:
+    """The overrides of configs/run.yaml that make one job's guided run."""
+    from omegaconf import OmegaConf
+
+    entry = prep.entry
+    over = [f"structure={prep.structure}", "observables=[density]", f"observables.density.map={map_path}",
+            f"observables.density.resolution={resolution}", f"observables.density.weight={cell.strength}",
+            f"predictor={cell.predictor}", f"guidance={cell.guidance}", f"ensemble_size={cell.ensemble_size}",
+            f"seed={cell.seed}", "output.plots=false", "output.particles=false", "mode=sample"]
+    if entry.mtz_columns:
+        over.append(f"observables.density.mtz_columns={entry.mtz_columns}")
+    over += _potential_overrides(cell.potentials)
+    predictors = OmegaConf.to_container(cfg.predictors, resolve=True) if cfg.get("predictors") else {}
+    over += [str(o) for o in (predictors.get(cell.predictor) or [])]
+    over += [str(o) for o in (cfg.get("run") or [])]
+    return over
+
+
+def run_job(cfg, cell: Cell, out_dir: Path) -> dict:
+    """One cell: prepare (cached), run the guided sampling, compute the metrics, write ``results/<key>.json``."""
+    from hydra import compose
+
+    from guidance.run import run as run_one
+    from guidance.structure import match_layouts, read_structure
+
+    result_path = out_dir / "results" / f"{cell.key}.json"
+    if result_path.is_file() and not cfg.force:
+        previous = json.loads(result_path.read_text())
+        if previous.get("status") == "ok" or not cfg.retry_failed:
+            log.info("skip %s (finished: %s)", cell.key, previous.get("status"))
+            return previous
+    t0 = time.perf_counter()
+    record = {"key": cell.key, "cell": asdict(cell), "status": "failed", "pid": os.getpid()}
+    try:
+        entries = {e.name: e for e in read_manifest(cfg.manifest)}
+        if cell.entry not in entries:
+            raise BenchError(f"entry {cell.entry!r} is not in the manifest {cfg.manifest}")
+        entry = entries[cell.entry]
+        prep = prepare_entry(entry, out_dir / "entries" / entry.name, min_span=int(cfg.regions.min_span),
+                             carve=cfg.regions.carve)
+        resolution = float(entry.resolution or cfg.synthetic.resolution)
+        if entry.map is not None:
+            map_path = entry.map
+        else:
+            snr = cfg.synthetic.snr
+            name = f"map_b{cell.occupancy:g}_{resolution:g}A" + (f"_snr{snr:g}" if snr else "") + ".ccp4"
+            map_path = synthetic_map(prep, cell.occupancy, resolution, out_dir / "entries" / entry.name / name,
+                                     b_factor=float(cfg.synthetic.b_factor), snr=snr, seed=int(cfg.synthetic.seed))
+        job_dir = out_dir / "jobs" / cell.key
+        run_cfg = compose(config_name="run", overrides=run_overrides(cfg, cell, prep, map_path, resolution, job_dir))
+        t_run = time.perf_counter()
+        run_metrics = run_one(run_cfg, job_dir)
+        sampling_s = time.perf_counter() - t_run
+        ens = read_structure(job_dir / "ensemble.cif")
+        match = match_layouts(prep.layout, ens.layout)
+        if match.missing_in_src:  # predictor atoms absent from the structure are dropped; the reverse is an error
+            log.info("%s: %d ensemble atoms not in the structure (ignored)", cell.key, len(match.missing_in_src))
+        if match.missing_in_dst:
+            raise BenchError(f"{cell.key}: {len(match.missing_in_dst)} structure atoms are not in the sampled "
+                             f"ensemble (e.g. {match.missing_in_dst[:3]}): the predictor does not model them")
+        members = np.zeros((len(ens.ids), len(prep.layout), 3))
+        members[:, match.src_index] = ens.coords[:, match.dst_index]
+        metrics = bench_metrics(prep, members, np.asarray(ens.weights), cell.occupancy, map_path, resolution,
+                                recovery_threshold=float(cfg.recovery_threshold))
+        metrics["sampling_s"] = sampling_s
+        metrics["density_rscc_run"] = run_metrics["observables"]["density"].get("rscc")
+        record.update(status="ok", metrics=metrics, map=str(map_path), regions=[list(r) for r in prep.regions])
+    except Exception as exc:  # a crashed job is a result too: record it and let the others run
+        record.update(error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(limit=8))
+        log.error("job %s failed: %s: %s", cell.key, type(exc).__name__, exc)
+    record["wall_s"] = time.perf_counter() - t0
+    _atomic_json(result_path, record)
+    _progress(out_dir)
+    return record
+
+
+def _progress(out_dir: Path) -> None:
+    plan = out_dir / "plan.json"
+    keys = json.loads(plan.read_text())["jobs"] if plan.is_file() else []
+    done = failed = 0
+    for k in keys:
+        p = out_dir / "results" / f"{k}.json"
+        if p.is_file():
+            done += 1
+            try:
+                failed += json.loads(p.read_text()).get("status") != "ok"
+            except json.JSONDecodeError:
+                pass
+    if keys:
+        log.info("progress: %d/%d jobs finished (%d failed), %d left", done, len(keys), failed, len(keys) - done)
+
+
+# ----------------------------------------------------------------------------------------------------- aggregation
+
+
+ROW_KEYS = ("status", "rscc_region", "cc_box", "ab_region_rmsd", "best_rmsd_A", "best_rmsd_B", "recovered_A",
+            "recovered_B", "fraction_A", "fraction_B", "fraction_error_B", "lddt_A", "lddt_B", "bond_rmsz",
+            "angle_rmsz", "clashes_per_1000_atoms", "n_atoms", "n_region_atoms", "sampling_s", "wall_s", "error")
+
+
+def collect(out_dir: Path, keys: list[str] | None = None) -> list[dict]:
+    """One row per job (the tidy results table): the cell's values, then ``ROW_KEYS``."""
+    rows = []
+    for path in sorted((out_dir / "results").glob("*.json")):
+        rec = json.loads(path.read_text())
+        if keys is not None and rec["key"] not in keys:
+            continue
+        row = {"key": rec["key"], **rec["cell"]}
+        metrics = rec.get("metrics", {})
+        for k in ROW_KEYS:
+            row[k] = rec.get(k) if k in ("status", "wall_s", "error") else metrics.get(k)
+        rows.append(row)
+    return rows
+
+
+def write_report(rows: list[dict], out_dir: Path) -> dict[str, Path]:
+    """``results.csv`` (every job), ``report.md`` (summary tables) and ``plots/{tradeoff,recovery}.png``."""
+    from guidance.structure import atomic_write
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    columns = ["key", *GRID_KEYS, *ROW_KEYS]
+    import io
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
+    paths = {"csv": atomic_write(out_dir / "results.csv", buf.getvalue())}
+
+    ok = [r for r in rows if r["status"] == "ok"]
+    failed = [r for r in rows if r["status"] != "ok"]
+    md = ["# ensemble-bench report", "", f"{len(rows)} jobs: {len(ok)} finished, {len(failed)} failed.", ""]
+    md += ["## Recovery of altloc B by method", "",
+           "Entries in which some member came within the recovery threshold of B (over the altloc regions, after "
+           "superposition on the rest of the chain), per predictor / guidance / strength / potentials.", "",
+           "| predictor | guidance | strength | potentials | entries with B recovered | mean best RMSD to B (A) "
+           "| mean B fraction error | mean RSCC (region) | mean bond RMSZ | mean angle RMSZ | clashes /1000 |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    groups: dict[tuple, list[dict]] = {}
+    for r in ok:
+        groups.setdefault((r["predictor"], r["guidance"], r["strength"], r["potentials"]), []).append(r)
+
+    def mean(rs, k):
+        vals = [float(r[k]) for r in rs if r.get(k) is not None and np.isfinite(float(r[k]))]
+        return float(np.mean(vals)) if vals else float("nan")
+
+    for (pred, guid, strength, pots), rs in sorted(groups.items()):
+        recovered = sorted({r["entry"] for r in rs if r["recovered_B"]})
+        entries = sorted({r["entry"] for r in rs})
+        md.append(f"| {pred} | {guid} | {strength:g} | {pots} | {len(recovered)}/{len(entries)} "
+                  f"({', '.join(recovered) or '-'}) | {mean(rs, 'best_rmsd_B'):.2f} | {mean(rs, 'fraction_error_B'):.2f}"
+                  f" | {mean(rs, 'rscc_region'):.3f} | {mean(rs, 'bond_rmsz'):.2f} | {mean(rs, 'angle_rmsz'):.2f} | "
+                  f"{mean(rs, 'clashes_per_1000_atoms'):.1f} |")
+    md += ["", "## Per entry", "",
+           "| entry | A-B RMSD (A) | predictor | guidance | E | strength | b | potentials | seed | best RMSD B | "
+           "recovered B | fraction B | LDDT B | RSCC region | CC box | bond RMSZ | angle RMSZ | wall (s) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(ok, key=lambda r: (r["entry"], r["predictor"], r["guidance"], r["strength"], r["occupancy"])):
+        md.append(f"| {r['entry']} | {r['ab_region_rmsd']:.2f} | {r['predictor']} | {r['guidance']} | "
+                  f"{r['ensemble_size']} | {r['strength']:g} | {r['occupancy']:g} | {r['potentials']} | {r['seed']} | "
+                  f"{r['best_rmsd_B']:.2f} | {'yes' if r['recovered_B'] else 'no'} | {r['fraction_B']:.2f} | "
+                  f"{r['lddt_B']:.3f} | {r['rscc_region']:.3f} | {r['cc_box']:.3f} | {_fmt(r['bond_rmsz'])} | "
+                  f"{_fmt(r['angle_rmsz'])} | {r['wall_s']:.1f} |")
+    if failed:
+        md += ["", "## Failed jobs", "", "| job | error |", "|---|---|"]
+        md += [f"| {r['key']} | {str(r['error']).replace('|', '/')[:300]} |" for r in failed]
+    try:
+        paths.update(_plots(ok, out_dir / "plots"))
+        md += ["", "## Plots", "", "![data fit vs geometry](plots/tradeoff.png)", "",
+               "![recovery vs strength](plots/recovery.png)"]
+    except Exception as exc:  # a missing plotting backend must not lose the tables
+        log.warning("plots not written: %s", exc)
+    paths["report"] = atomic_write(out_dir / "report.md", "\n".join(md) + "\n")
+    return paths
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{float(v):.2f}"
+
+
+def _plots(rows: list[dict], plots: Path) -> dict[str, Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots.mkdir(parents=True, exist_ok=True)
+    out = {}
+    # the trade-off: data fit (RSCC over the regions) against the geometry penalty (bond RMSZ), per method
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["predictor"], r["guidance"], r["potentials"]), []).append(r)
+    for (pred, guid, pots), rs in sorted(groups.items()):
+        rs = sorted(rs, key=lambda r: r["strength"])
+        x = [float(r["bond_rmsz"]) if r["bond_rmsz"] is not None else np.nan for r in rs]
+        y = [float(r["rscc_region"]) for r in rs]
+        sc = ax.scatter(x, y, label=f"{pred}/{guid}" + ("" if pots == "none" else f"+{pots}"), alpha=0.8)
+        for r, xi, yi in zip(rs, x, y):
+            ax.annotate(f"{r['strength']:g}", (xi, yi), fontsize=7, color=sc.get_facecolor()[0])
+    ax.set_xlabel("bond-length RMSZ (Engh & Huber)")
+    ax.set_ylabel("RSCC over the altloc regions")
+    ax.set_title("data fit vs geometry (labels: guidance strength)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    out["tradeoff"] = plots / "tradeoff.png"
+    fig.savefig(out["tradeoff"], dpi=120)
+    plt.close(fig)
+    # recovery of B vs strength
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for (pred, guid, pots), rs in sorted(groups.items()):
+        by_s: dict[float, list[bool]] = {}
+        for r in rs:
+            by_s.setdefault(float(r["strength"]), []).append(bool(r["recovered_B"]))
+        s = sorted(by_s)
+        ax.plot(s, [np.mean(by_s[k]) for k in s], "o-", label=f"{pred}/{guid}" + ("" if pots == "none" else f"+{pots}"))
+    ax.set_xlabel("guidance strength (weight of the density term)")
+    ax.set_ylabel("fraction of jobs with B recovered (<= 1 A)")
+    ax.set_ylim(-0.05, 1.05)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    out["recovery"] = plots / "recovery.png"
+    fig.savefig(out["recovery"], dpi=120)
+    plt.close(fig)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------- the app
+
+
+def _config_dir() -> str:
+    from guidance.run import _config_dir as run_config_dir
+
+    return run_config_dir()
+
+
+def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(overrides for the bench config, hydra-only arguments such as hydra/launcher=joblib)."""
+    ours, hydra_args = [], []
+    for a in argv:
+        (hydra_args if a.startswith(("hydra", "--")) or a == "-m" else ours).append(a)
+    return ours, hydra_args
+
+
+def plan(argv: list[str]):
+    """Compose configs/bench.yaml with the user's overrides and expand the grid -> (cfg, cells)."""
+    from hydra import compose, initialize_config_dir
+
+    ours, _ = _split_overrides(argv)
+    with initialize_config_dir(config_dir=_config_dir(), version_base="1.3"):
+        cfg = compose(config_name="bench", overrides=[o for o in ours if not o.startswith("job.")])
+    if cfg.manifest is None:
+        raise BenchError("manifest=<file.csv|yaml> is required (see README: ensemble-bench)")
+    entries = [e.name for e in read_manifest(cfg.manifest)]
+    if cfg.get("entries"):
+        unknown = [e for e in cfg.entries if e not in entries]
+        if unknown:
+            raise BenchError(f"entries {unknown} are not in the manifest ({entries})")
+        entries = [e for e in entries if e in set(cfg.entries)]
+    return cfg, expand_grid(entries, cfg.grid)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``ensemble-bench``: plan the grid, run it as one Hydra multirun, aggregate."""
+    import hydra
+    from hydra.core.global_hydra import GlobalHydra
+
+    os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=true")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(levelname)s] %(message)s", datefmt="%H:%M:%S")
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        cfg, cells = plan(argv)
+    except (BenchError, HydraException, OmegaConfBaseException) as exc:
+        log.error("%s: %s", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+        return 1
+    out_dir = Path(cfg.out_dir).expanduser().resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    keys = [c.key for c in cells]
+    _atomic_json(out_dir / "plan.json", {"jobs": keys, "manifest": str(Path(cfg.manifest).resolve())})
+    status = [_status(out_dir, k) for k in keys]
+    finished = sum(s is not None for s in status)
+    log.info("ensemble-bench: %d jobs (%d entries), %d already finished%s -> %s", len(keys),
+             len({c.entry for c in cells}), finished, " (force: redoing them)" if cfg.force else "", out_dir)
+    todo = cfg.force or any(s is None or (s != "ok" and cfg.retry_failed) for s in status)
+    if todo:
+        # the sweep: one Hydra job per cell (each finished one skips itself)
+        ours, hydra_args = _split_overrides(argv)
+        sweep = [f"job.cell={_cell_list(cells)}"]
+        sys_argv = sys.argv
+        sys.argv = [sys_argv[0], "-m", *[o for o in ours if not o.startswith("job.")], *sweep,
+                    *[a for a in hydra_args if a != "-m"]]
+        GlobalHydra.instance().clear()
+        try:
+            hydra.main(version_base="1.3", config_path=_config_dir(), config_name="bench")(_job_from_key)()
+        finally:
+            sys.argv = sys_argv
+    rows = collect(out_dir, keys)
+    paths = write_report(rows, out_dir)
+    ok = sum(r["status"] == "ok" for r in rows)
+    log.info("ensemble-bench: %d/%d jobs ok; %s, %s", ok, len(keys), paths["csv"], paths["report"])
+    return 0 if rows else 1
+
+
+def _status(out_dir: Path, key: str) -> str | None:
+    path = out_dir / "results" / f"{key}.json"
+    try:
+        return json.loads(path.read_text()).get("status") if path.is_file() else None
+    except json.JSONDecodeError:
+        return None
+
+
+def _cell_list(cells: list[Cell]) -> str:
+    """The sweep value: one item per cell (Hydra sweeps over it; each job decodes its cell)."""
+    return ",".join(_encode(c) for c in cells)
+
+
+def _encode(cell: Cell) -> str:
+    return ":".join(str(getattr(cell, k)) for k in GRID_KEYS).replace("+", "_p_")
+
+
+def _decode(text: str) -> Cell:
+    parts = str(text).replace("_p_", "+").split(":")
+    kw = dict(zip(GRID_KEYS, parts))
+    return Cell(entry=kw["entry"], predictor=kw["predictor"], guidance=kw["guidance"],
+                ensemble_size=int(kw["ensemble_size"]), strength=float(kw["strength"]),
+                occupancy=float(kw["occupancy"]), potentials=kw["potentials"], seed=int(kw["seed"]))
+
+
+def _job_from_key(cfg) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    cell = _decode(cfg.job.cell)
+    log.info("job %s (hydra job %s)", cell.key, HydraConfig.get().job.get("num", "-"))
+    run_job(cfg, cell, Path(cfg.out_dir).expanduser().resolve())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,175 @@
+"""ensemble-bench: manifests, the grid, synthetic maps from an independent forward model, the metrics, and the
+bench as a whole on the altloc entries in ../shared/data (resume after a kill, failed jobs, the joblib launcher)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from guidance.bench import (
+    BenchError,
+    Cell,
+    _decode,
+    _encode,
+    _map_correlations,
+    expand_grid,
+    parse_regions,
+    prepare_entry,
+    read_manifest,
+    synthetic_map,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["run=['sampler.steps=8','guidance.particles=2']", "grid.ensemble_size=[2]"]
+
+
+def bench(*args, timeout=600, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "guidance.bench", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, **kw)
+
+
+def write_manifest(path: Path, rows: list[str]) -> Path:
+    path.write_text("name,structure,map,resolution,region\n" + "\n".join(rows) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def peptides():
+    data = ROOT.parent / "shared" / "data" / "structures" / "multiconf-peptides"
+    if not data.is_dir():
+        pytest.skip(f"reference data not found: {data} (../shared/data is not part of a fresh clone)")
+    return data
+
+
+def test_regions_and_manifest_rows_are_checked(tmp_path, peptides):
+    assert parse_regions("A:180-184; B:60") == (("A", 180, 184), ("B", 60, 60))
+    with pytest.raises(BenchError, match="CHAIN:FIRST-LAST"):
+        parse_regions("180-184")
+    m = write_manifest(tmp_path / "m.csv", [f"awa,{peptides / 'AWA_2conf.pdb'},,1.5,A:2",
+                                             f"gnn,{os.path.relpath(peptides / 'GNNAFNS_multiconf.pdb', tmp_path)},,,"])
+    entries = read_manifest(m)
+    assert [e.name for e in entries] == ["awa", "gnn"] and entries[1].structure.is_file()
+    assert entries[0].regions == (("A", 2, 2),) and entries[1].regions == ()
+    yaml_manifest = tmp_path / "m.yaml"
+    yaml_manifest.write_text(f"entries:\n  - name: awa\n    structure: {peptides / 'AWA_2conf.pdb'}\n    region: A:2\n")
+    assert read_manifest(yaml_manifest)[0].regions == (("A", 2, 2),)
+    bad = write_manifest(tmp_path / "bad.csv", [f"awa,{peptides / 'AWA_2conf.pdb'},,1.5,A:2", "x,/nope.pdb,,,"])
+    with pytest.raises(BenchError, match="row 3: structure not found"):
+        read_manifest(bad)
+
+
+def test_grid_expands_every_combination_with_unique_keys():
+    grid = {"predictor": ["reference"], "guidance": ["none", "fk"], "ensemble_size": [2, 4], "strength": [1.0],
+            "occupancy": [0.25, 0.75], "potentials": ["none", "geometry"], "seed": [0]}
+    cells = expand_grid(["e1", "e2"], grid)
+    assert len(cells) == 2 * 2 * 2 * 2 * 2 and len({c.key for c in cells}) == len(cells)
+    cell = Cell("6b8x", "boltz2", "fk", 8, 2.5, 0.25, "geometry+boltz", 3)
+    assert _decode(_encode(cell)) == cell
+
+
+def test_synthetic_map_is_the_mixture_and_the_metric_sees_it(tmp_path, peptides):
+    """gemmi's DensityCalculator makes the map of the A/B mixture; the same mixture correlates perfectly, one state
+    alone clearly less, and in the altloc region less than over the box."""
+    (entry,) = read_manifest(write_manifest(tmp_path / "m.csv", [f"awa,{peptides / 'AWA_2conf.pdb'},,1.5,A:2"]))
+    prep = prepare_entry(entry, tmp_path / "awa")
+    path = synthetic_map(prep, 0.3, 1.5, tmp_path / "awa" / "map.ccp4")
+    element = np.asarray(prep.layout.element).astype(str)
+    region = np.concatenate([s[prep.region] for s in prep.states])
+    mix = _map_correlations(prep.states, [0.7, 0.3], element, path, 1.5, region)
+    a_only = _map_correlations(prep.states[:1], [1.0], element, path, 1.5, region)
+    b_only = _map_correlations(prep.states[1:], [1.0], element, path, 1.5, region)
+    assert mix["rscc_region"] > 0.9999 and mix["cc_box"] > 0.9999
+    assert b_only["rscc_region"] < a_only["rscc_region"] < 0.95  # B carries 0.3 of the region's density
+    assert a_only["rscc_region"] < a_only["cc_box"]
+
+
+@pytest.fixture(scope="module")
+def ci_bench(tmp_path_factory):
+    """The CI-sized bench: benchmarks/altloc_small.csv (6b8x 180-184, 1vme 326-339, two multiconformer peptides),
+    single-state reference prior, guidance none and fk."""
+    manifest = ROOT / "benchmarks" / "altloc_small.csv"
+    data = ROOT.parent / "shared" / "data" / "structures"
+    if not data.is_dir():
+        pytest.skip(f"reference data not found: {data} (../shared/data is not part of a fresh clone)")
+    out = tmp_path_factory.mktemp("bench")
+    t0 = time.perf_counter()
+    proc = bench(f"manifest={manifest}", f"out_dir={out}", timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, time.perf_counter() - t0
+
+
+def test_ci_bench_writes_results_report_and_plots(ci_bench):
+    out, wall = ci_bench
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert len(rows) == 8 and all(r["status"] == "ok" for r in rows), [r["error"] for r in rows]
+    report = (out / "report.md").read_text()
+    assert "Recovery of altloc B" in report and "| 6b8x |" in report and "| 1vme |" in report
+    assert (out / "plots" / "tradeoff.png").stat().st_size > 0 and (out / "plots" / "recovery.png").stat().st_size > 0
+    for r in rows:  # every metric of the issue is there
+        for k in ("rscc_region", "cc_box", "best_rmsd_A", "best_rmsd_B", "recovered_B", "fraction_error_B", "lddt_A",
+                  "lddt_B", "clashes_per_1000_atoms", "bond_rmsz", "angle_rmsz", "wall_s"):
+            assert r[k] != "", (r["key"], k)
+    print(f"CI bench: 8 jobs in {wall:.0f} s")
+
+
+def test_fk_guidance_fits_the_map_better_than_no_guidance_in_every_entry(ci_bench):
+    out, _ = ci_bench
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    by = {(r["entry"], r["guidance"]): float(r["rscc_region"]) for r in rows}
+    for entry in {r["entry"] for r in rows}:
+        assert by[(entry, "fk")] > by[(entry, "none")], entry
+
+
+def test_a_killed_bench_resumes_without_redoing_finished_jobs(tmp_path, peptides):
+    manifest = write_manifest(tmp_path / "m.csv", [f"awa,{peptides / 'AWA_2conf.pdb'},,1.5,A:2",
+                                                    f"gnn,{peptides / 'GNNAFNS_multiconf.pdb'},,1.5,"])
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "guidance.bench", f"manifest={manifest}", f"out_dir={out}", *FAST]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    results = out / "results"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (results.is_dir() and len(list(results.glob("*.json"))) >= 1):
+        assert proc.poll() is None, f"the bench stopped before any job finished: {proc.stderr.read()[-2000:]}"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    first = {p.name: (p.stat().st_mtime_ns, p.read_text()) for p in results.glob("*.json")}
+    assert 1 <= len(first) < 4, "the kill came too late to test resuming"
+    again = bench(f"manifest={manifest}", f"out_dir={out}", *FAST)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"{len(first)} already finished" in again.stderr
+    final = {p.name: (p.stat().st_mtime_ns, p.read_text()) for p in results.glob("*.json")}
+    assert len(final) == 4
+    for name, before in first.items():
+        assert final[name] == before, f"{name} was redone"
+    assert all(json.loads(v[1])["status"] == "ok" for v in final.values())
+
+
+def test_a_failing_job_is_recorded_and_the_others_run_in_parallel_with_joblib(tmp_path, peptides):
+    """An entry without altlocs fails with its error in the results; the other entry's jobs finish; the jobs run
+    through Hydra's joblib launcher."""
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    manifest = write_manifest(tmp_path / "m.csv", [f"awa,{peptides / 'AWA_2conf.pdb'},,1.5,A:2",
+                                                    f"single,{peptides / 'AWA_single.pdb'},,1.5,A:2"])
+    out = tmp_path / "out"
+    proc = bench(f"manifest={manifest}", f"out_dir={out}", *FAST, "hydra/launcher=joblib",
+                 "hydra.launcher.n_jobs=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Joblib.Parallel(n_jobs=2" in proc.stdout
+    pids = {json.loads(p.read_text())["pid"] for p in (out / "results").glob("*.json")}
+    assert len(pids) >= 1 and os.getpid() not in pids  # the jobs ran in joblib's worker processes
+    rows = {r["key"]: r for r in csv.DictReader((out / "results.csv").open())}
+    failed = [r for r in rows.values() if r["status"] != "ok"]
+    assert len(rows) == 4 and len(failed) == 2 and all(r["entry"] == "single" for r in failed)
+    assert all("no alternate conformations" in r["error"] for r in failed)
+    assert "Failed jobs" in (out / "report.md").read_text()
