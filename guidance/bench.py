@@ -624,15 +624,20 @@ def _plots(rows: list[dict], plots: Path) -> dict[str, Path]:
     for r in rows:
         groups.setdefault((r["predictor"], r["guidance"], r["potentials"]), []).append(r)
     for (pred, guid, pots), rs in sorted(groups.items()):
-        rs = sorted(rs, key=lambda r: r["strength"])
-        x = [float(r["bond_rmsz"]) if r["bond_rmsz"] is not None else np.nan for r in rs]
-        y = [float(r["rscc_region"]) for r in rs]
-        sc = ax.scatter(x, y, label=f"{pred}/{guid}" + ("" if pots == "none" else f"+{pots}"), alpha=0.8)
-        for r, xi, yi in zip(rs, x, y):
-            ax.annotate(f"{r['strength']:g}", (xi, yi), fontsize=7, color=sc.get_facecolor()[0])
+        label = f"{pred}/{guid}" + ("" if pots == "none" else f"+{pots}")
+        x = np.array([np.nan if r["bond_rmsz"] is None else float(r["bond_rmsz"]) for r in rs])
+        y = np.array([float(r["rscc_region"]) for r in rs])
+        sc = ax.scatter(x, y, alpha=0.25, s=14)  # every job, faint
+        strengths = sorted({float(r["strength"]) for r in rs})
+        s_of = np.array([float(r["strength"]) for r in rs])
+        mx = [np.nanmean(x[s_of == v]) for v in strengths]
+        my = [np.nanmean(y[s_of == v]) for v in strengths]
+        ax.plot(mx, my, "o-", color=sc.get_facecolor()[0][:3], label=label)  # the mean over entries per strength
+        for v, xi, yi in zip(strengths, mx, my):
+            ax.annotate(f"{v:g}", (xi, yi), fontsize=8, xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel("bond-length RMSZ (Engh & Huber)")
     ax.set_ylabel("RSCC over the altloc regions")
-    ax.set_title("data fit vs geometry (labels: guidance strength)")
+    ax.set_title("data fit vs geometry (mean per strength; faint: single jobs)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     out["tradeoff"] = plots / "tradeoff.png"

@@ -116,8 +116,10 @@ def test_interrupted_run_keeps_its_trajectory_and_particles(tmp_path):
     while not (tmp_path / "trajectory.csv").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
+    sent = time.time()
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 1
+    assert proc.returncode == 1, (f"exit {proc.returncode}, {time.time() - sent:.1f} s after SIGINT; trajectory "
+                                  f"{(tmp_path / 'trajectory.csv').exists()}; log tail: {err[-1500:]}")
     assert "interrupted after" in err and "Traceback" not in err
     import numpy as np
 
