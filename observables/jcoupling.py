@@ -7,9 +7,11 @@ Karplus relation (units: Hz; theta and phi in degrees, phi from heavy atoms C(i-
   7772-7777.  Check values: phi = -60 deg -> 4.11 Hz, phi = -120 deg -> 9.87 Hz.
 - ``hu_bax_1997``: A, B, C = 7.09, -1.42, 1.55 Hz.  Hu & Bax (1997) J. Am. Chem. Soc. 119, 6360-6368.
   Check values: 4.03 Hz and 10.06 Hz.
-Any other set can be given as ``karplus=[A, B, C]`` (Hz, same theta = phi - 60 deg).  (The set of Voegeli, Ying,
-Grishaev & Bax (2007) J. Am. Chem. Soc. 129, 9377 is not included: the values found in secondary sources disagree
-and the paper's table could not be checked here.)
+- ``vogeli_2007``: A, B, C = 8.40, -1.36, 0.33 Hz.  Voegeli, Ying, Grishaev & Bax (2007) J. Am. Chem. Soc. 129,
+  9377-9385, Table 1 (the static-structure fit), as transcribed in MDTraj's ``nmr.scalar_couplings`` ("Bax2007") and
+  in a second public implementation; the paper itself could not be read here.  (A set 8.754, -1.222, 0.111 is also
+  quoted in the literature; it is not the one these transcriptions give.)  Check values: 3.11 Hz and 10.09 Hz.
+Any other set can be given as ``karplus=[A, B, C]`` (Hz, same theta = phi - 60 deg).
 
 Ensemble: the observed coupling is the weighted mean of the members' couplings, <J> = sum_e w_e J(phi_e) — the
 average of J, never J of an average phi.
@@ -54,6 +56,7 @@ from observables.nmr import (
 __all__ = [
     "KARPLUS",
     "KARPLUS_HU_BAX_1997",
+    "KARPLUS_VOGELI_2007",
     "KARPLUS_VUISTER_BAX_1993",
     "JCouplingData",
     "JCouplingObservable",
@@ -77,10 +80,13 @@ class KarplusParameters:
 KARPLUS_VUISTER_BAX_1993 = KarplusParameters(6.51, -1.76, 1.60)
 # Hu & Bax (1997) J. Am. Chem. Soc. 119, 6360: A, B, C in Hz.
 KARPLUS_HU_BAX_1997 = KarplusParameters(7.09, -1.42, 1.55)
+# Voegeli, Ying, Grishaev & Bax (2007) J. Am. Chem. Soc. 129, 9377, Table 1: A, B, C in Hz.
+KARPLUS_VOGELI_2007 = KarplusParameters(8.40, -1.36, 0.33)
 
 KARPLUS: dict[str, KarplusParameters] = {
     "vuister_bax_1993": KARPLUS_VUISTER_BAX_1993,
     "hu_bax_1997": KARPLUS_HU_BAX_1997,
+    "vogeli_2007": KARPLUS_VOGELI_2007,
 }
 
 

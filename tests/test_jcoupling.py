@@ -119,7 +119,9 @@ def test_karplus_check_values_of_vuister_bax_and_hu_bax():
     assert round(_j(-120, KARPLUS_HU_BAX_1997), 2) == 10.06
 
 
-@pytest.mark.parametrize(("karplus", "expected"), [("vuister_bax_1993", (4.11, 9.87)), ("hu_bax_1997", (4.03, 10.06))])
+@pytest.mark.parametrize(("karplus", "expected"), [("vuister_bax_1993", (4.11, 9.87)), ("hu_bax_1997", (4.03, 10.06)),
+                                                   # 8.40/4 + 1.36/2 + 0.33 and 8.40 + 1.36 + 0.33 (by hand)
+                                                   ("vogeli_2007", (3.11, 10.09))])
 def test_observable_reproduces_check_values_on_built_peptides(karplus, expected):
     """Through the whole path (coordinates -> heavy-atom phi -> J): peptides built with phi = -60 and -120 deg."""
     for phi, j_expected in zip((-60.0, -120.0), expected):
@@ -136,7 +138,7 @@ def test_custom_parameters_and_unknown_set():
     c = jnp.asarray(xyz[None], jnp.float32)
     assert float(obs.predict(c, jnp.ones(1))[0]) == pytest.approx(float(ref.predict(c, jnp.ones(1))[0]))
     with pytest.raises(ValueError, match="unknown Karplus"):
-        JCouplingObservable(atoms, data=[(2, 7.0)], karplus="vogeli_2007")
+        JCouplingObservable(atoms, data=[(2, 7.0)], karplus="pardi_1984")
 
 
 # ------------------------------------------------------------------------------------------------------------------
