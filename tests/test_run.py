@@ -110,11 +110,12 @@ def test_interrupted_run_keeps_its_trajectory_and_particles(tmp_path):
     import signal
     import time
 
-    # a shell without job control starts background jobs with SIGINT ignored, and Python keeps it ignored: give the
-    # child the default disposition so that Ctrl-C reaches it wherever the suite runs
-    proc = subprocess.Popen([sys.executable, "-m", "guidance.run", "sampler.steps=400", f"hydra.run.dir={tmp_path}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # a shell without job control starts background jobs with SIGINT ignored, and Python keeps it ignored: the child
+    # restores Python's Ctrl-C handler itself, so that the signal reaches it wherever the suite runs
+    child = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+             "sys.argv[0] = 'ensemble-guide'; from guidance.run import main; main()")
+    proc = subprocess.Popen([sys.executable, "-c", child, "sampler.steps=400", f"hydra.run.dir={tmp_path}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (tmp_path / "trajectory.csv").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
