@@ -443,6 +443,8 @@ def run_overrides(cfg, cell: Cell, prep: Prepared, map_path: Path, resolution: f
     over += _potential_overrides(cell.potentials)
     predictors = OmegaConf.to_container(cfg.predictors, resolve=True) if cfg.get("predictors") else {}
     over += [str(o) for o in (predictors.get(cell.predictor) or [])]
+    methods = OmegaConf.to_container(cfg.methods, resolve=True) if cfg.get("methods") else {}
+    over += [str(o) for o in (methods.get(cell.guidance) or [])]
     over += [str(o) for o in (cfg.get("run") or [])]
     return over
 

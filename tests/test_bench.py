@@ -29,7 +29,7 @@ from guidance.bench import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["run=['sampler.steps=8','guidance.particles=2']", "grid.ensemble_size=[2]"]
+FAST = ["run=['sampler.steps=8']", "methods.fk=['guidance.particles=2']", "grid.ensemble_size=[2]"]
 
 
 def bench(*args, timeout=600, **kw) -> subprocess.CompletedProcess:
