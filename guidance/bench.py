@@ -250,6 +250,45 @@ def prepare_entry(entry: Entry, work: Path, *, min_span: int = 2, carve: float |
                     ("A", "B"), list(conf.ids))
 
 
+def _gemmi_density(xyz: np.ndarray, element: np.ndarray, occupancy: np.ndarray, b_factor: float, resolution: float,
+                   size: np.ndarray, spacing: np.ndarray):
+    """gemmi's DensityCalculatorX density of atoms ``xyz [M, 3]`` (elements, occupancies; atoms of occupancy 0 are
+    left out; uniform ``b_factor`` plus observables.density.resolution_blur) on a P1 orthogonal cell of ``size``
+    voxels of ``spacing`` A -> the gemmi grid (periodic)."""
+    import gemmi
+
+    from observables.density import resolution_blur
+
+    st = gemmi.Structure()
+    model = gemmi.Model("1")
+    chain = gemmi.Chain("A")
+    res = gemmi.Residue()
+    res.name = "UNL"
+    res.seqid = gemmi.SeqId(1, " ")
+    for pos, el, occ in zip(xyz, element, occupancy):
+        if occ <= 0:
+            continue
+        atom = gemmi.Atom()
+        atom.name = el
+        atom.element = gemmi.Element(el)
+        atom.pos = gemmi.Position(*map(float, pos))
+        atom.occ = float(occ)
+        atom.b_iso = float(b_factor)
+        res.add_atom(atom)
+    chain.add_residue(res)
+    model.add_chain(chain)
+    st.add_model(model)
+    size = np.asarray(size, dtype=int)
+    st.cell = gemmi.UnitCell(*(size * np.asarray(spacing)).tolist(), 90, 90, 90)
+    dc = gemmi.DensityCalculatorX()
+    dc.blur = resolution_blur(resolution)  # no d_min: gemmi would then re-size the grid to d_min / (2 rate)
+    dc.grid.set_unit_cell(st.cell)
+    dc.grid.spacegroup = gemmi.SpaceGroup("P 1")
+    dc.grid.set_size(*size.tolist())
+    dc.put_model_density_on_grid(st[0])
+    return dc.grid
+
+
 def synthetic_map(prep: Prepared, occupancy_b: float, resolution: float, path: Path, *, b_factor: float = 20.0,
                   snr: float | None = None, seed: int = 0, padding: float = 6.0):
     """The map of the A/B mixture (A at 1 - b, B at b; atoms where A and B coincide once at full occupancy) computed
@@ -257,52 +296,24 @@ def synthetic_map(prep: Prepared, occupancy_b: float, resolution: float, path: P
     observables.density.resolution_blur) on a P1 cell around the carved model,
     boxed to the atoms + ``padding`` A, at spacing resolution / 4; Gaussian noise of std = (map std) / ``snr`` when
     ``snr`` is given.  Written as CCP4 (atomically); an existing file is reused."""
-    import gemmi
-
-    from observables.density import DensityMap, read_map, resolution_blur, write_ccp4
+    from observables.density import DensityMap, read_map, write_ccp4
 
     if path.is_file():
         return path
     a, b = prep.states
     moved = np.linalg.norm(a - b, axis=-1) > 1e-3
-    st = gemmi.Structure()
-    model = gemmi.Model("1")
-    chain = gemmi.Chain("A")
-    res = gemmi.Residue()
-    res.name = "UNL"
-    res.seqid = gemmi.SeqId(1, " ")
     element = np.asarray(prep.layout.element).astype(str)
-    for xyz_set, occ in ((a, np.where(moved, 1.0 - occupancy_b, 1.0)), (b[moved], np.full(moved.sum(), occupancy_b))):
-        elements = element if len(xyz_set) == len(element) else element[moved]
-        for xyz, el, o in zip(xyz_set, elements, occ):
-            if o <= 0:
-                continue
-            atom = gemmi.Atom()
-            atom.name = el
-            atom.element = gemmi.Element(el)
-            atom.pos = gemmi.Position(*map(float, xyz))
-            atom.occ = float(o)
-            atom.b_iso = float(b_factor)
-            res.add_atom(atom)
-    chain.add_residue(res)
-    model.add_chain(chain)
-    st.add_model(model)
+    occ = np.concatenate([np.where(moved, 1.0 - occupancy_b, 1.0), np.full(moved.sum(), occupancy_b)])
+    xyz = np.concatenate([a, b[moved]])
     points = np.concatenate([a, b])
     lo, hi = points.min(0) - padding, points.max(0) + padding
     spacing = resolution / 4.0
     size = np.ceil((hi - lo + 2 * padding) / spacing).astype(int) + 1  # the cell: box + margin, so nothing wraps in
-    size = size + size % 2
-    st.cell = gemmi.UnitCell(*(size * spacing).tolist(), 90, 90, 90)
-    st.spacegroup_hm = "P 1"
-    dc = gemmi.DensityCalculatorX()
-    dc.blur = resolution_blur(resolution)  # no d_min: gemmi would then re-size the grid to d_min / (2 rate)
-    dc.grid.set_unit_cell(st.cell)
-    dc.grid.spacegroup = gemmi.SpaceGroup("P 1")
-    dc.grid.set_size(*size.tolist())
-    dc.put_model_density_on_grid(st[0])
+    grid = _gemmi_density(xyz, np.concatenate([element, element[moved]]), occ, b_factor, resolution,
+                          size + size % 2, np.full(3, spacing))
     start = np.floor(lo / spacing).astype(int)
     shape = (np.ceil((hi - lo) / spacing).astype(int) + 1).tolist()
-    values = np.array(dc.grid.get_subarray(start.tolist(), shape), dtype=np.float32)
+    values = np.array(grid.get_subarray(start.tolist(), shape), dtype=np.float32)
     if snr:
         rng = np.random.default_rng(seed)
         values = values + rng.normal(0.0, float(values.std()) / float(snr), values.shape).astype(np.float32)
@@ -319,9 +330,7 @@ def _map_correlations(members, weights, element, map_path: Path, resolution: flo
                       b_factor: float = 20.0, radius: float = 2.0) -> dict:
     """RSCC within ``radius`` A of ``region_points`` and CC over the box, between the map and the weighted ensemble's
     model map (gemmi DensityCalculatorX on the map's grid)."""
-    import gemmi
-
-    from observables.density import read_map, resolution_blur
+    from observables.density import read_map
 
     target = read_map(map_path)
     shape = np.array(target.shape)
@@ -330,32 +339,10 @@ def _map_correlations(members, weights, element, map_path: Path, resolution: flo
     size = shape + 2 * margin
     size = size + size % 2
     start = np.round(np.asarray(target.origin) / spacing).astype(int) - margin
-    st = gemmi.Structure()
-    model = gemmi.Model("1")
-    chain = gemmi.Chain("A")
-    res = gemmi.Residue()
-    res.name = "UNL"
-    res.seqid = gemmi.SeqId(1, " ")
-    for coords, w in zip(members, weights):
-        for xyz, el in zip(coords - start * spacing, element):  # shift into the cell
-            atom = gemmi.Atom()
-            atom.name = el
-            atom.element = gemmi.Element(el)
-            atom.pos = gemmi.Position(*map(float, xyz))
-            atom.occ = float(w)
-            atom.b_iso = float(b_factor)
-            res.add_atom(atom)
-    chain.add_residue(res)
-    model.add_chain(chain)
-    st.add_model(model)
-    st.cell = gemmi.UnitCell(*(size * spacing).tolist(), 90, 90, 90)
-    dc = gemmi.DensityCalculatorX()
-    dc.blur = resolution_blur(resolution)  # no d_min: gemmi would then re-size the grid to d_min / (2 rate)
-    dc.grid.set_unit_cell(st.cell)
-    dc.grid.spacegroup = gemmi.SpaceGroup("P 1")
-    dc.grid.set_size(*size.tolist())
-    dc.put_model_density_on_grid(st[0])
-    model_map = np.array(dc.grid.get_subarray(margin.tolist(), shape.tolist()), dtype=np.float64)
+    xyz = np.concatenate([np.asarray(c) for c in members]) - start * spacing  # shifted into the cell
+    occ = np.repeat(np.asarray(weights, dtype=np.float64), len(element))
+    grid = _gemmi_density(xyz, np.tile(element, len(members)), occ, b_factor, resolution, size, spacing)
+    model_map = np.array(grid.get_subarray(margin.tolist(), shape.tolist()), dtype=np.float64)
     values = np.asarray(target.values, dtype=np.float64)
     axes = [np.asarray(target.origin)[k] + np.arange(shape[k]) * spacing[k] for k in range(3)]
     grid_points = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
