@@ -87,13 +87,13 @@ from scipy.spatial.distance import squareform
 # structure.py's gemmi helpers (one place builds models, entities and subchains; one place collects atom sites)
 from guidance.structure import (
     Conformers,
-    StructureError,
-    _collect_model,
     _finish_entities,
+    _first_sites,
     _is_cif_name,
     _layout_of,
     _make_atom,
     _make_model,
+    _pick_models,
     _read_gemmi,
     _residue_runs,
     atomic_write,
@@ -672,21 +672,11 @@ def read_multiconf(path, *, hydrogens: bool = False, model: int | str | None = N
     """
     path = Path(path)
     st, _ = _read_gemmi(path)
-    models = list(st)
-    if model is not None:
-        models = [m for m in models if m.name == str(model)]
-        if not models:
-            names = ", ".join(m.name for m in st) or "none"
-            raise StructureError(f"{path}: has no model {model!r} (models: {names})")
-    if not models:
-        raise StructureError(f"{path}: contains no atoms (no models)")
+    models = _pick_models(st, path, model)
     if model is None and len(models) > 1:
         warnings.warn(f"{path}: has {len(models)} models; reading model {models[0].name} only (pass model= to"
                       " choose another, or read_structure for a multi-model ensemble)", stacklevel=2)
-    sites = _collect_model(models[0], path, hydrogens)
-    if not sites:
-        what = "atoms" if hydrogens else "non-hydrogen atoms"
-        raise StructureError(f"{path}: contains no {what} outside water")
+    sites = _first_sites(models, path, hydrogens)
     keys = list(sites)
     atom, alt, xyz, occ, bf = [], [], [], [], []
     for i, k in enumerate(keys):

@@ -179,6 +179,29 @@ def _collect_model(model: gemmi.Model, path: Path, hydrogens: bool) -> dict[Atom
     return sites
 
 
+def _pick_models(st: gemmi.Structure, path: Path, model: int | str | None) -> list[gemmi.Model]:
+    """The models of ``st``, or only the one named ``model`` (its number as written in the file); StructureError when
+    that model does not exist or the file has no models."""
+    models = list(st)
+    if model is not None:
+        models = [m for m in models if m.name == str(model)]
+        if not models:
+            names = ", ".join(m.name for m in st) or "none"
+            raise StructureError(f"{path}: has no model {model!r} (models: {names})")
+    if not models:
+        raise StructureError(f"{path}: contains no atoms (no models)")
+    return models
+
+
+def _first_sites(models: list[gemmi.Model], path: Path, hydrogens: bool) -> dict[AtomKey, _Site]:
+    """The atom sites of the first model; StructureError when it has none (outside water)."""
+    sites = _collect_model(models[0], path, hydrogens)
+    if not sites:
+        what = "atoms" if hydrogens else "non-hydrogen atoms"
+        raise StructureError(f"{path}: contains no {what} outside water")
+    return sites
+
+
 def _layout_of(keys: list[AtomKey], sites: dict[AtomKey, _Site]) -> AtomLayout:
     return AtomLayout(
         chain_id=np.array([k[0] for k in keys], dtype=object),
@@ -234,19 +257,8 @@ def read_structure(path, *, hydrogens: bool = False, model: int | str | None = N
     """
     path = Path(path)
     st, block = _read_gemmi(path)
-    models = list(st)
-    if model is not None:
-        models = [m for m in models if m.name == str(model)]
-        if not models:
-            names = ", ".join(m.name for m in st) or "none"
-            raise StructureError(f"{path}: has no model {model!r} (models: {names})")
-    if not models:
-        raise StructureError(f"{path}: contains no atoms (no models)")
-
-    first = _collect_model(models[0], path, hydrogens)
-    if not first:
-        what = "atoms" if hydrogens else "non-hydrogen atoms"
-        raise StructureError(f"{path}: contains no {what} outside water")
+    models = _pick_models(st, path, model)
+    first = _first_sites(models, path, hydrogens)
     altlocs = sorted({a for site in first.values() for a in site.alts if a})
     metadata = _read_metadata(block)
 
