@@ -14,6 +14,7 @@ import pytest
 from jax.experimental import enable_x64
 
 import observables.rdc  # noqa: F401  (registers "rdc")
+from guidance.demo import nerf
 from observables.base import AtomInfo, Observable, build
 from observables.rdc import (
     AtomRef,
@@ -48,16 +49,6 @@ def random_rotation(seed: int) -> np.ndarray:
     q, r = np.linalg.qr(np.random.default_rng(seed).normal(size=(3, 3)))
     q = q * np.sign(np.diag(r))
     return q if np.linalg.det(q) > 0 else -q
-
-
-def nerf(a, b, c, length, angle_deg, torsion_deg):
-    """Position of d bonded to c with |cd| = length, angle bcd and torsion abcd (natural extension reference frame)."""
-    bc = unit(c - b)
-    n = unit(np.cross(b - a, bc))
-    m = np.stack([bc, np.cross(n, bc), n], axis=1)
-    ang, tor = math.radians(angle_deg), math.radians(torsion_deg)
-    d2 = np.array([-length * math.cos(ang), length * math.sin(ang) * math.cos(tor), length * math.sin(ang) * math.sin(tor)])
-    return c + m @ d2
 
 
 def backbone(res_names: list[str], seed: int = 0) -> tuple[AtomInfo, np.ndarray]:

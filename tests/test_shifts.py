@@ -5,11 +5,11 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import gemmi
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from backbone_models import load_model, peptide
 
 from observables.base import AtomInfo, Observable, build
 from observables.nmr import NmrDataError, backbone, phi_psi
@@ -34,62 +34,6 @@ SPARTA_PLUS_RMSE = {"ca": 0.94, "cb": 1.14, "c": 1.09, "n": 2.45, "h": 0.49, "ha
 # ------------------------------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------------------------------
-
-BOND = {"N-CA": 1.458, "CA-C": 1.525, "C-N": 1.329}
-ANGLE = {"N-CA-C": 111.2, "CA-C-N": 116.2, "C-N-CA": 121.7}
-
-
-def _place(a, b, c, length, angle_deg, torsion_deg):
-    """Point d with |cd| = length, angle b-c-d and dihedral a-b-c-d (natural extension reference frame)."""
-    bc = (c - b) / np.linalg.norm(c - b)
-    n = np.cross(b - a, bc)
-    n /= np.linalg.norm(n)
-    m = np.cross(n, bc)
-    t, p = math.radians(angle_deg), math.radians(torsion_deg)
-    d = np.array([-length * math.cos(t), length * math.sin(t) * math.cos(p), length * math.sin(t) * math.sin(p)])
-    return c + d[0] * bc + d[1] * m + d[2] * n
-
-
-def peptide(phis, psis, res_names=None) -> tuple[AtomInfo, np.ndarray]:
-    """Backbone N, CA, C of a peptide with the given phi/psi (degrees; trans peptide bonds): atoms and coords [N, 3]."""
-    n_res = len(phis)
-    res_names = res_names or ["ALA"] * n_res
-    xyz = [np.zeros(3), np.array([BOND["N-CA"], 0.0, 0.0])]
-    t = math.radians(180.0 - ANGLE["N-CA-C"])
-    xyz.append(xyz[1] + BOND["CA-C"] * np.array([math.cos(t), math.sin(t), 0.0]))
-    for i in range(1, n_res):
-        n_, ca, c = xyz[-3], xyz[-2], xyz[-1]
-        xyz.append(_place(n_, ca, c, BOND["C-N"], ANGLE["CA-C-N"], psis[i - 1]))
-        xyz.append(_place(ca, c, xyz[-1], BOND["N-CA"], ANGLE["C-N-CA"], 180.0))
-        xyz.append(_place(c, xyz[-2], xyz[-1], BOND["CA-C"], ANGLE["N-CA-C"], phis[i]))
-    coords = np.array(xyz, dtype=np.float64)
-    atoms = AtomInfo(
-        element=np.array(["N", "C", "C"] * n_res),
-        atom_name=np.array(["N", "CA", "C"] * n_res),
-        res_name=np.repeat(res_names, 3),
-        res_seq=np.repeat(np.arange(1, n_res + 1), 3),
-        chain_id=np.full(3 * n_res, "A"),
-        coords=coords[None].astype(np.float32),
-    )
-    return atoms, coords
-
-
-def load_model(path, model: int = 0) -> tuple[AtomInfo, np.ndarray]:
-    """Heavy atoms of one model of a PDB file as (AtomInfo, coords [N, 3])."""
-    st = gemmi.read_structure(str(path))
-    st.remove_hydrogens()
-    rows = [(a, r, c) for c in st[model] for r in c for a in r]
-    coords = np.array([a.pos.tolist() for a, _, _ in rows], dtype=np.float32)
-    atoms = AtomInfo(
-        element=np.array([a.element.name for a, _, _ in rows]),
-        atom_name=np.array([a.name for a, _, _ in rows]),
-        res_name=np.array([r.name for _, r, _ in rows]),
-        res_seq=np.array([r.seqid.num for _, r, _ in rows]),
-        chain_id=np.array([c.name for _, _, c in rows]),
-        coords=coords[None],
-    )
-    return atoms, coords
-
 
 def rotate_about(coords, origin, axis_to, moving, angle):
     """Rotate the ``moving`` atoms by ``angle`` (rad) about the axis origin -> axis_to (Rodrigues)."""
