@@ -20,8 +20,10 @@ Gaussian noise at a signal-to-noise ratio.
 Per job: the guided run (guidance/run.py, composed from configs/run.yaml plus the job's overrides) writes its outputs
 under ``<out_dir>/jobs/<key>/``; the metrics below go to ``<out_dir>/results/<key>.json``, written atomically.  A job
 whose result exists is skipped (``force=true`` redoes it); a job that raises is recorded as failed with its error and
-the others go on.  For the reference prior, ``predictors.reference`` makes it a single-state prior (altloc A only, with
-its ANM flexibility), so guidance has to find B.
+the others go on.  The grid's predictors are labels of ``predictors.<label>`` (override lists that may pick the
+predictor config themselves, ``predictor=reference``).  Two single-state baselines come with the config, built from
+altloc A only so that guidance has to find B: ``reference`` (A with its ANM flexibility) and ``rotamers`` (the same
+with every side chain over a rotamer library, predictors/rotamers.py).
 
 Metrics (``bench_metrics``): RSCC over the altloc regions (+2 A) and CC over the box against the map the run was
 guided by; per altloc, the best member RMSD over the regions after superposition on the rest of the carved chain, and
@@ -379,7 +381,11 @@ def bench_metrics(prep: Prepared, members: np.ndarray, weights: np.ndarray, occu
         best = int(np.argmin(rmsds))
         out[f"best_rmsd_{alt}"] = rmsds[best]
         out[f"recovered_{alt}"] = bool(rmsds[best] <= recovery_threshold)
-        out[f"lddt_{alt}"] = float(max(lddt(m, prep.states[k], residue_ids=residues) for m in members))
+        try:
+            out[f"lddt_{alt}"] = float(max(lddt(m, prep.states[k], residue_ids=residues) for m in members))
+        except ValueError as exc:  # e.g. a one-residue entry (a ligand): inter-residue LDDT is undefined
+            log.info("%s: LDDT to %s undefined (%s)", prep.entry.name, alt, exc)
+            out[f"lddt_{alt}"] = float("nan")
         out[f"fraction_{alt}"] = assign[alt]["assigned_fraction"]
         out[f"fraction_error_{alt}"] = abs(assign[alt]["assigned_fraction"] - true_occ[alt])
     geo = geometry_report(prep.layout, members)
@@ -421,15 +427,19 @@ def run_overrides(cfg, cell: Cell, prep: Prepared, map_path: Path, resolution: f
     from omegaconf import OmegaConf
 
     entry = prep.entry
+    predictors = OmegaConf.to_container(cfg.predictors, resolve=True) if cfg.get("predictors") else {}
+    predictor_over = [str(o) for o in (predictors.get(cell.predictor) or [])]
+    # a grid label may name a variant of a predictor: its overrides then choose the config (predictor=reference)
+    if not any(o.startswith("predictor=") for o in predictor_over):
+        predictor_over.insert(0, f"predictor={cell.predictor}")
     over = [f"structure={prep.structure}", "observables=[density]", f"observables.density.map={map_path}",
             f"observables.density.resolution={resolution}", f"observables.density.weight={cell.strength}",
-            f"predictor={cell.predictor}", f"guidance={cell.guidance}", f"ensemble_size={cell.ensemble_size}",
+            f"guidance={cell.guidance}", f"ensemble_size={cell.ensemble_size}",
             f"seed={cell.seed}", "output.plots=false", "output.particles=false", "mode=sample"]
     if entry.mtz_columns:
         over.append(f"observables.density.mtz_columns={entry.mtz_columns}")
     over += _potential_overrides(cell.potentials)
-    predictors = OmegaConf.to_container(cfg.predictors, resolve=True) if cfg.get("predictors") else {}
-    over += [str(o) for o in (predictors.get(cell.predictor) or [])]
+    over += predictor_over
     methods = OmegaConf.to_container(cfg.methods, resolve=True) if cfg.get("methods") else {}
     over += [str(o) for o in (methods.get(cell.guidance) or [])]
     over += [str(o) for o in (cfg.get("run") or [])]
@@ -554,9 +564,11 @@ def write_report(rows: list[dict], out_dir: Path) -> dict[str, Path]:
     md += ["## Recovery of altloc B by method", "",
            "Entries in which some member came within the recovery threshold of B (over the altloc regions, after "
            "superposition on the rest of the chain), per predictor / guidance / strength / potentials.", "",
-           "| predictor | guidance | strength | potentials | entries with B recovered | mean best RMSD to B (A) "
-           "| mean B fraction error | mean RSCC (region) | mean bond RMSZ | mean angle RMSZ | clashes /1000 |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "Jobs: the same over every job of the group (seeds, occupancies, ensemble sizes), a less noisy count.", "",
+           "| predictor | guidance | strength | potentials | entries with B recovered | jobs with B recovered "
+           "| mean best RMSD to B (A) | mean B fraction error | mean RSCC (region) | mean bond RMSZ | mean angle RMSZ "
+           "| clashes /1000 |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     groups: dict[tuple, list[dict]] = {}
     for r in ok:
         groups.setdefault((r["predictor"], r["guidance"], r["strength"], r["potentials"]), []).append(r)
@@ -569,7 +581,8 @@ def write_report(rows: list[dict], out_dir: Path) -> dict[str, Path]:
         recovered = sorted({r["entry"] for r in rs if r["recovered_B"]})
         entries = sorted({r["entry"] for r in rs})
         md.append(f"| {pred} | {guid} | {strength:g} | {pots} | {len(recovered)}/{len(entries)} "
-                  f"({', '.join(recovered) or '-'}) | {mean(rs, 'best_rmsd_B'):.2f} | {mean(rs, 'fraction_error_B'):.2f}"
+                  f"({', '.join(recovered) or '-'}) | {sum(bool(r['recovered_B']) for r in rs)}/{len(rs)} "
+                  f"| {mean(rs, 'best_rmsd_B'):.2f} | {mean(rs, 'fraction_error_B'):.2f}"
                   f" | {mean(rs, 'rscc_region'):.3f} | {mean(rs, 'bond_rmsz'):.2f} | {mean(rs, 'angle_rmsz'):.2f} | "
                   f"{mean(rs, 'clashes_per_1000_atoms'):.1f} |")
     md += ["", "## Per entry", "",

@@ -141,6 +141,18 @@ def build_predictor(cfg, conf):
             weights = np.asarray(conf.weights)[idx]
         log.info("reference prior: conformers %s with weights %s, tau %.2f A, %d ANM modes",
                  [ids[i] for i in idx], np.round(weights / weights.sum(), 3).tolist(), pcfg.tau, pcfg.n_modes)
+        if pcfg.get("rotamers"):
+            from predictors.rotamers import RotamerPrior
+
+            if len(idx) != 1:
+                raise UserError(f"predictor.rotamers=true builds on one conformer; pick one with predictor.conformers "
+                                f"(the structure has {ids})")
+            prior = RotamerPrior(conf.layout, conf.coords[idx[0]], tau=float(pcfg.tau), n_modes=int(pcfg.n_modes),
+                                 mode_rms=float(pcfg.mode_rms), anm_cutoff=float(pcfg.anm_cutoff),
+                                 self_weight=float(pcfg.get("rotamer_self_weight", 0.8)))
+            log.info("rotamer prior: %d side chains expanded over %d library rotamers (own weight %.2f)",
+                     len(prior.blocks), prior.n_components - len(prior.blocks), pcfg.get("rotamer_self_weight", 0.8))
+            return prior
         return ReferencePrior(conf.layout, conf.coords[idx], weights, tau=float(pcfg.tau), n_modes=int(pcfg.n_modes),
                               mode_rms=float(pcfg.mode_rms), anm_cutoff=float(pcfg.anm_cutoff))
     if name in ("boltz1", "boltz2"):
