@@ -58,6 +58,7 @@ class Objective:
         reference: torch.Tensor | None = None,
         align: bool = False,
         potentials: Sequence[PotentialTerm] = (),
+        reference_weights: torch.Tensor | None = None,
     ):
         if not terms:
             raise ValueError("an objective needs at least one observable")
@@ -72,6 +73,9 @@ class Objective:
         self.member_weights = jnp.asarray(w / w.sum(), dtype=jnp.float32)
         self.align = align
         self.reference = reference
+        # [N] weights of the rigid fit onto the reference (0 for atoms the reference does not have, e.g. a terminal
+        # OXT the predictor models but the input structure lacks); None = every atom alike
+        self.reference_weights = reference_weights
         if align and reference is None:
             raise ValueError("alignment to the input frame needs a reference structure")
 
@@ -99,7 +103,8 @@ class Objective:
         if not self.align:
             return x, None
         ref = self.reference.to(x).expand_as(x)
-        return kabsch_align(x, ref, return_rotation=True)  # aligned = (x - mean) @ R + ref mean
+        w = None if self.reference_weights is None else self.reference_weights.to(x)
+        return kabsch_align(x, ref, w, return_rotation=True)  # aligned = (x - mean) @ R + ref mean
 
     def __call__(self, x: torch.Tensor, t: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         x = x.detach()

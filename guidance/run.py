@@ -364,6 +364,27 @@ def score(cfg, conf, demo_data, truth) -> dict:
     return metrics
 
 
+def fill_missing(layout, coords: np.ndarray, known: np.ndarray) -> np.ndarray:
+    """Reference coordinates [K, N, 3] for predictor atoms the input structure lacks (``known`` False): the centroid of
+    the known atoms of the same residue, else of the nearest residue in layout order that has some.  They only keep
+    an observable's box and mask local (a placeholder at the origin would stretch both); the rigid fit onto the input
+    leaves them out."""
+    if known.all():
+        return coords
+    if not known.any():
+        raise UserError("none of the predictor's atoms is in the structure: nothing to place the data around")
+    out = coords.copy()
+    residues = list(zip(layout.chain_id.tolist(), layout.res_seq.tolist()))
+    order = {r: i for i, r in enumerate(dict.fromkeys(residues))}
+    res_index = np.array([order[r] for r in residues])
+    have = np.unique(res_index[known])
+    for r in np.unique(res_index[~known]):
+        source = r if r in have else have[np.argmin(np.abs(have - r))]
+        centre = coords[:, known & (res_index == source)].mean(axis=1)  # [K, 3]
+        out[:, ~known & (res_index == r)] = centre[:, None]
+    return out
+
+
 def sample(cfg, conf, demo_data, truth, out_dir: Path) -> dict:
     """Guided sampling, member-weight refinement and the outputs of DESIGN.md."""
     import torch
@@ -383,8 +404,11 @@ def sample(cfg, conf, demo_data, truth, out_dir: Path) -> dict:
     if match.missing_in_dst:
         log.warning("%d structure atoms are not modelled by the predictor (e.g. %s)", len(match.missing_in_dst),
                     match.missing_in_dst[:3])
+    known = np.zeros(len(predictor.layout), bool)
+    known[match.dst_index] = True
     ref_coords = np.zeros((len(conf.ids), len(predictor.layout), 3), np.float32)
     ref_coords[:, match.dst_index] = conf.coords[:, match.src_index]
+    ref_coords = fill_missing(predictor.layout, ref_coords, known)
     terms = build_objective(cfg, predictor.layout, ref_coords, demo_data)
 
     scfg, gcfg = cfg.sampler, cfg.guidance
@@ -400,7 +424,8 @@ def sample(cfg, conf, demo_data, truth, out_dir: Path) -> dict:
     align_step = align_to_input if scfg.align == "auto" else bool(scfg.align)
     ref_frame = torch.as_tensor(ref_coords[0]) if align_to_input else None
     objective = Objective(terms, n_members=e, reference=ref_frame, align=align_to_input,
-                          potentials=build_potentials(cfg, predictor))
+                          potentials=build_potentials(cfg, predictor),
+                          reference_weights=None if known.all() else torch.as_tensor(known, dtype=torch.float32))
 
     steps = plan(schedule, n_steps, start_step=int(scfg.start_step))
     gen = torch.Generator().manual_seed(int(cfg.seed))
