@@ -157,7 +157,9 @@ def build_predictor(cfg, conf):
                               mode_rms=float(pcfg.mode_rms), anm_cutoff=float(pcfg.anm_cutoff))
     if name in ("boltz1", "boltz2"):
         return _build_boltz(pcfg, conf, list(cfg.observables or []), int(cfg.seed))
-    raise UserError(f"unknown predictor {name!r}; available: reference, boltz1, boltz2")
+    if name == "protenix":
+        return _build_protenix(pcfg, conf, int(cfg.seed), int(cfg.sampler.steps))
+    raise UserError(f"unknown predictor {name!r}; available: reference, boltz1, boltz2, protenix")
 
 
 def _build_boltz(pcfg, conf, observable_names: list[str], seed: int):
@@ -191,6 +193,40 @@ def _build_boltz(pcfg, conf, observable_names: list[str], seed: int):
     if predictor.approximate_conformers:
         log.warning("%s: no Boltz component files in cache_dir=%s: reference conformers built with RDKit are "
                     "approximate (run `boltz predict` once to download them)", name, pcfg.get("cache_dir"))
+    return predictor
+
+
+def _build_protenix(pcfg, conf, seed: int, n_steps: int):
+    """Protenix loaded from ``predictor.checkpoint`` as its inference runner loads it, conditioned once on the protein
+    chains of the run's structure file; with ``noise_levels=protenix`` the schedule hits Protenix's own noise levels
+    for ``sampler.steps``."""
+    import torch
+    from omegaconf import OmegaConf
+
+    name = pcfg.name
+    if conf.path is None:
+        raise UserError(f"predictor={name} needs a structure file (structure=...) to take its sequences from")
+    if str(pcfg.get("dtype", "float32")) != "float32":
+        raise UserError(f"predictor.dtype={pcfg.dtype}: Protenix predictors run in float32 only")
+    levels = str(pcfg.get("noise_levels", "protenix"))
+    if levels not in ("protenix", "af3"):
+        raise UserError(f"predictor.noise_levels={levels}: use protenix or af3")
+    arch = pcfg.get("arch")
+    arch = OmegaConf.to_container(arch, resolve=True) if arch is not None else None
+    try:
+        from predictors.protenix import ProtenixDenoiser, load_protenix
+
+        model = load_protenix(pcfg.checkpoint, model_name=pcfg.get("model_name"), arch=arch,
+                              device=str(pcfg.get("device", "cpu")))
+        n_cycle = pcfg.get("n_cycle")
+        predictor = ProtenixDenoiser(model, conf.path, cache_dir=pcfg.cache_dir, msa=pcfg.get("msa", "none"),
+                                     n_cycle=None if n_cycle is None else int(n_cycle),
+                                     n_steps=n_steps if levels == "protenix" else None, seed=seed, dtype=torch.float32)
+    except (FileNotFoundError, ValueError, ImportError) as exc:
+        raise UserError(str(exc)) from exc
+    log.info("%s: %s, %d chains %s, %d atoms, %d trunk cycles, msa %s, noise levels %s (sigma_min %.3g)", name,
+             pcfg.checkpoint, len(predictor.sequences), list(predictor.sequences), len(predictor.layout),
+             predictor.n_cycle, pcfg.get("msa", "none"), levels, predictor.schedule.sigma_min)
     return predictor
 
 
