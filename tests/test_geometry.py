@@ -264,7 +264,7 @@ def _distorted(peptide, seed=0, noise=0.15, push=4.0) -> np.ndarray:
 
 
 def test_gradient_matches_finite_differences(peptide):
-    pot = GeometryPotential(peptide.layout)
+    pot = GeometryPotential(peptide.layout, onset=1.0)  # whole at any steering time
     x = torch.tensor(_distorted(peptide)[None])  # float64
     energy, grad, parts = pot.energy_and_grad(x, 0.3)
     assert all(v.item() > 1.0 for v in parts.values())  # bonds, angles and clashes all active
@@ -337,3 +337,20 @@ def test_potential_handles_5000_atoms_times_16_structures_quickly(peptide):
 
 def test_link_rules_are_known():
     assert set(LINK_RULES) <= set(load_table())
+
+
+def test_onset_delays_the_term_with_a_linear_ramp(peptide):
+    layout, xyz = peptide.layout, peptide.coords_a
+    x = torch.as_tensor(xyz, dtype=torch.float64)[None] + 0.1 * torch.randn((2, len(layout), 3), dtype=torch.float64,
+                                                                             generator=torch.Generator().manual_seed(4))
+    always = GeometryPotential(layout, onset=1.0)
+    late = GeometryPotential(layout, onset=0.3, ramp=0.2)
+    e_full, g_full, _ = always.energy_and_grad(x, t=0.9)
+    for t, k in ((1.0, 0.0), (0.5, 0.0), (0.4, 0.5), (0.3, 1.0), (0.0, 1.0)):
+        assert late.scale(t) == pytest.approx(k)
+        e, g, parts = late.energy_and_grad(x, t=t)
+        torch.testing.assert_close(e, k * e_full)
+        torch.testing.assert_close(g, k * g_full)
+        torch.testing.assert_close(sum(parts.values()), e)
+    with pytest.raises(ValueError, match="onset"):
+        GeometryPotential(layout, onset=1.5)
