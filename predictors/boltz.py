@@ -208,6 +208,16 @@ def _check_sequence(chain: str, seq: str) -> str:
     return seq
 
 
+def resolve_input(input) -> tuple[dict[str, str], dict[str, list[int]], Path | None]:
+    """A predictor's input, ``{chain: one-letter sequence}`` or a structure file, as (sequences, residue numbers per
+    chain, the structure's path or None).  Sequences given directly are numbered from 1."""
+    if isinstance(input, dict):
+        seqs = {str(c): _check_sequence(str(c), s) for c, s in input.items()}
+        return seqs, {c: list(range(1, len(s) + 1)) for c, s in seqs.items()}, None
+    seqs, raw = sequences_from_structure(input)
+    return seqs, {c: _layout_numbers(v) for c, v in raw.items()}, Path(input)
+
+
 def sequences_from_structure(path) -> tuple[dict[str, str], dict[str, list[int | None]]]:
     """Protein chains of a structure file: {chain: sequence} and, per chain, the file's residue number of each
     sequence position (None where the residue is not modelled).
@@ -387,14 +397,7 @@ class BoltzDenoiser:
         self.schedule = boltz_schedule(self.family)
         self.dtype = dtype
         self.device = next(model.parameters()).device
-        if isinstance(input, dict):
-            seqs = {str(c): _check_sequence(str(c), s) for c, s in input.items()}
-            numbers = {c: list(range(1, len(s) + 1)) for c, s in seqs.items()}
-            self.source = None
-        else:
-            seqs, raw = sequences_from_structure(input)
-            numbers = {c: _layout_numbers(v) for c, v in raw.items()}
-            self.source = Path(input)
+        seqs, numbers, self.source = resolve_input(input)
         self.sequences = seqs
         self.approximate_conformers = not has_components(self.family, cache_dir)
         self.components = load_components(self.family, cache_dir)

@@ -54,7 +54,7 @@ import numpy as np
 import torch
 
 from predictors.base import AtomLayout, NoiseSchedule
-from predictors.boltz import _check_sequence, _layout_numbers, sequences_from_structure, unmatched_atoms
+from predictors.boltz import resolve_input, unmatched_atoms
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -437,14 +437,7 @@ class ProtenixDenoiser:
         self.schedule = protenix_schedule(self.configs, n_steps)
         self.dtype = dtype
         self.device = next(model.parameters()).device
-        if isinstance(input, dict):
-            seqs = {str(c): _check_sequence(str(c), s) for c, s in input.items()}
-            numbers = {c: list(range(1, len(s) + 1)) for c, s in seqs.items()}
-            self.source = None
-        else:
-            seqs, raw = sequences_from_structure(input)
-            numbers = {c: _layout_numbers(v) for c, v in raw.items()}
-            self.source = Path(input)
+        seqs, numbers, self.source = resolve_input(input)
         self.sequences = seqs
         self.cache_dir = ensure_components(cache_dir)
         _use_components(self.cache_dir)

@@ -39,40 +39,7 @@ from guidance.sampler import initial_noise, plan
 from observables.base import AtomInfo
 from observables.density import DensityObservable, synthetic_map
 
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def median_ms(fn, repeats: int, device: str) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(1e3 * (time.perf_counter() - t0))
-    return statistics.median(times)
-
-
-class TimedObjective:
-    """The objective with a stopwatch (JAX has finished when the dlpack hand-over returns)."""
-
-    def __init__(self, objective, device: str):
-        self.objective, self.device, self.seconds = objective, device, 0.0
-
-    def __call__(self, x, t=0.0):
-        _sync(self.device)
-        t0 = time.perf_counter()
-        out = self.objective(x, t=t)
-        _sync(self.device)
-        self.seconds += time.perf_counter() - t0
-        return out
-
-    def value(self, x, t=0.0):
-        return self.objective.value(x, t=t)
+from bench_timing import TimedObjective, median_ms, sync  # scripts/bench_timing.py
 
 
 def _conformers(pep, layout) -> np.ndarray:
@@ -156,10 +123,10 @@ def main(argv=None) -> int:
         step_times, shares = [], []
         for _ in range(args.repeats):
             timed.seconds = 0.0
-            _sync(args.device)
+            sync(args.device)
             t0 = time.perf_counter()
             guided()
-            _sync(args.device)
+            sync(args.device)
             total = time.perf_counter() - t0
             # the step time includes steer's closing value-only evaluation of the sample (not timed as objective)
             step_times.append(1e3 * total)
