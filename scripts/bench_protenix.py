@@ -25,21 +25,18 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import tempfile
 import time
 
 import numpy as np
 import torch
 
-from guidance import fk as fk_mod
-from guidance.dps import DPS, Strength
 from guidance.objective import Objective, Term
 from guidance.sampler import initial_noise, plan
 from observables.base import AtomInfo
 from observables.density import DensityObservable, synthetic_map
 
-from bench_timing import TimedObjective, median_ms, sync  # scripts/bench_timing.py
+from bench_timing import guided_step_ms, median_ms  # scripts/bench_timing.py
 
 
 def _conformers(pep, layout) -> np.ndarray:
@@ -109,33 +106,14 @@ def main(argv=None) -> int:
         p = b // e
         objective = Objective([Term("density", observable)], n_members=e, align=True,
                               reference=torch.as_tensor(conformers[0], device=args.device))
-        timed = TimedObjective(objective, args.device)
-        fk = fk_mod.FK(particles=p, lam=1.0, twist_sigma=3.0)
-        dps = DPS(strength=Strength(1.0), max_step=0.5)
-        step = steps[20:21]  # one step mid-run (sigma ~ 5 A)
-        xs = initial_noise((p * e, n, 3), step[0].sigma, gen).to(args.device)
-
-        def guided():
-            fk_mod.steer(denoiser.denoise, xs, step, sched, gen, n_particles=p, n_members=e, objective=timed,
-                         dps=dps, fk=fk, n_steps_total=n_steps, augmentation=True, align=True)
-
-        guided()  # warm-up (JIT)
-        step_times, shares = [], []
-        for _ in range(args.repeats):
-            timed.seconds = 0.0
-            sync(args.device)
-            t0 = time.perf_counter()
-            guided()
-            sync(args.device)
-            total = time.perf_counter() - t0
-            # the step time includes steer's closing value-only evaluation of the sample (not timed as objective)
-            step_times.append(1e3 * total)
-            shares.append(timed.seconds / total)
+        step_ms, share = guided_step_ms(denoiser.denoise, objective, steps[20:21], sched, gen, particles=p,
+                                        members=e, n_atoms=n, n_steps_total=n_steps, repeats=args.repeats,
+                                        device=args.device)  # one step mid-run (sigma ~ 5 A)
         table.append({"batch": b, "particles": p, "members": e, "denoise_ms": round(denoise_ms, 2),
                       "denoise_ms_per_structure": round(denoise_ms / b, 3),
                       "denoise_grad_ms": round(grad_ms, 2),
-                      "guided_step_ms": round(statistics.median(step_times), 2),
-                      "objective_share": round(statistics.median(shares), 3)})
+                      "guided_step_ms": round(step_ms, 2),
+                      "objective_share": round(share, 3)})
 
     print(f"protenix {label}, {n} atoms, device {args.device}, torch threads {torch.get_num_threads()}, "
           f"{os.cpu_count()} CPUs ({platform.machine()}); conditioning once ({args.n_cycle} trunk cycles, incl. "

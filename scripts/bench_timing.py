@@ -9,6 +9,10 @@ import time
 
 import torch
 
+from guidance import fk as fk_mod
+from guidance.dps import DPS, Strength
+from guidance.sampler import initial_noise
+
 
 def sync(device: str) -> None:
     if device.startswith("cuda"):
@@ -43,3 +47,31 @@ class TimedObjective:
 
     def value(self, x, t=0.0):
         return self.objective.value(x, t=t)
+
+
+def guided_step_ms(denoise, objective, step, schedule, generator, *, particles: int, members: int, n_atoms: int,
+                   n_steps_total: int, repeats: int, device: str) -> tuple[float, float]:
+    """Median wall time (ms) of one FK + DPS step (``step``: a one-element plan) for ``particles`` x ``members``
+    structures, and the median share of it spent in ``objective`` (observables + bridge).  The step time includes
+    steer's closing value-only evaluation of the sample, which is not counted as objective time."""
+    timed = TimedObjective(objective, device)
+    fk = fk_mod.FK(particles=particles, lam=1.0, twist_sigma=3.0)
+    dps = DPS(strength=Strength(1.0), max_step=0.5)
+    xs = initial_noise((particles * members, n_atoms, 3), step[0].sigma, generator).to(device)
+
+    def guided():
+        fk_mod.steer(denoise, xs, step, schedule, generator, n_particles=particles, n_members=members,
+                     objective=timed, dps=dps, fk=fk, n_steps_total=n_steps_total, augmentation=True, align=True)
+
+    guided()  # warm-up (JIT)
+    step_times, shares = [], []
+    for _ in range(repeats):
+        timed.seconds = 0.0
+        sync(device)
+        t0 = time.perf_counter()
+        guided()
+        sync(device)
+        total = time.perf_counter() - t0
+        step_times.append(1e3 * total)
+        shares.append(timed.seconds / total)
+    return statistics.median(step_times), statistics.median(shares)
