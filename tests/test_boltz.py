@@ -25,6 +25,7 @@ from predictors.boltz import (  # noqa: E402
     unmatched_atoms,
 )
 from guidance.sampler import euler_step, kabsch_align, plan  # noqa: E402
+from structures import SEQRES_PDB as PDB  # noqa: E402  (tests/structures.py)
 
 # 63 + 34 + 63 = 160 heavy atoms: a multiple of Boltz's 32-atom window, so Boltz pads nothing and its sampler's
 # centring (which includes pads) acts on exactly our atoms.  Chains A and C share an entity.
@@ -206,21 +207,6 @@ def test_checkpoint_round_trip_through_cli_loading(models, tmp_path, family):
     torch.testing.assert_close(a.denoise(x, sigma), b.denoise(x, sigma), rtol=0, atol=0)
 
 
-PDB = """\
-SEQRES   1 A    5  MET GLY SER TRP LYS
-ATOM      1  N   GLY A  11       0.000   0.000   0.000  1.00  0.00           N
-ATOM      2  CA  GLY A  11       1.450   0.000   0.000  1.00  0.00           C
-ATOM      3  C   GLY A  11       2.000   1.400   0.000  1.00  0.00           C
-ATOM      4  O   GLY A  11       1.300   2.400   0.000  1.00  0.00           O
-ATOM      5  N   SER A  12       3.300   1.500   0.000  1.00  0.00           N
-ATOM      6  CA  SER A  12       4.000   2.800   0.000  1.00  0.00           C
-ATOM      7  C   SER A  12       5.500   2.600   0.000  1.00  0.00           C
-ATOM      8  O   SER A  12       6.000   1.500   0.000  1.00  0.00           O
-ATOM      9  CB  SER A  12       3.600   3.700   1.200  1.00  0.00           C
-ATOM     10  OG  SER A  12       4.000   3.100   2.400  1.00  0.00           O
-ATOM     11  OXT SER A  12       6.100   3.600   0.000  1.00  0.00           O
-END
-"""
 
 
 def test_structure_input_uses_seqres_and_file_numbering(models, tmp_path):

@@ -31,6 +31,7 @@ from predictors.protenix import (  # noqa: E402
     tiny_model,
     unmatched_atoms,
 )
+from structures import SEQRES_PDB as PDB  # noqa: E402  (tests/structures.py)
 
 REPO = Path(__file__).resolve().parents[1]
 # Chains A and C share an entity; 54 + 34 + 54 heavy atoms + one OXT per chain = 145, not a multiple of Protenix's
@@ -231,21 +232,6 @@ def test_a3m_msa_reaches_the_features(model, cache, tmp_path):
         ProtenixDenoiser(model, {"A": "GSWAK"}, cache_dir=cache, msa=tmp_path / "missing.a3m")
 
 
-PDB = """\
-SEQRES   1 A    5  MET GLY SER TRP LYS
-ATOM      1  N   GLY A  11       0.000   0.000   0.000  1.00  0.00           N
-ATOM      2  CA  GLY A  11       1.450   0.000   0.000  1.00  0.00           C
-ATOM      3  C   GLY A  11       2.000   1.400   0.000  1.00  0.00           C
-ATOM      4  O   GLY A  11       1.300   2.400   0.000  1.00  0.00           O
-ATOM      5  N   SER A  12       3.300   1.500   0.000  1.00  0.00           N
-ATOM      6  CA  SER A  12       4.000   2.800   0.000  1.00  0.00           C
-ATOM      7  C   SER A  12       5.500   2.600   0.000  1.00  0.00           C
-ATOM      8  O   SER A  12       6.000   1.500   0.000  1.00  0.00           O
-ATOM      9  CB  SER A  12       3.600   3.700   1.200  1.00  0.00           C
-ATOM     10  OG  SER A  12       4.000   3.100   2.400  1.00  0.00           O
-ATOM     11  OXT SER A  12       6.100   3.600   0.000  1.00  0.00           O
-END
-"""
 
 
 def test_structure_input_uses_seqres_file_numbering_and_reports_unmatched_atoms(model, cache, tmp_path):
