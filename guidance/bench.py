@@ -365,19 +365,21 @@ def bench_metrics(prep: Prepared, members: np.ndarray, weights: np.ndarray, occu
                   resolution: float, *, recovery_threshold: float = 1.0) -> dict:
     """The per-job metrics of the module docstring for an ensemble ``members [E, N, 3]`` on ``prep.layout``."""
     from guidance.geometry import residue_index
-    from guidance.metrics import altloc_assignment, geometry_report, lddt, region_rmsd
+    from guidance.metrics import altloc_assignment, geometry_report, lddt, region_rmsd, symmetric_swaps
 
     members = np.asarray(members, dtype=np.float64)
     weights = np.asarray(weights, dtype=np.float64) / np.sum(weights)
     region = prep.region
     fit = ~region if (~region).sum() >= 3 else region  # a region covering (almost) everything: fit on itself
+    swaps = symmetric_swaps(prep.layout)  # Asp/Glu/Phe/Tyr/Arg terminal atoms under their better naming
     out: dict = {"n_atoms": int(len(region)), "n_region_atoms": int(region.sum()),
-                 "ab_region_rmsd": float(region_rmsd(prep.states[1], prep.states[0], region, fit))}
+                 "ab_region_rmsd": float(region_rmsd(prep.states[1], prep.states[0], region, fit, swaps))}
     true_occ = {"A": 1.0 - occupancy_b, "B": occupancy_b}
     residues = residue_index(prep.layout)  # LDDT leaves out pairs within a residue
-    assign = altloc_assignment(members, weights, prep.states, prep.ids, region, fit_mask=fit, superpose_first=True)
+    assign = altloc_assignment(members, weights, prep.states, prep.ids, region, fit_mask=fit, superpose_first=True,
+                               swaps=swaps)
     for k, alt in enumerate(prep.ids):
-        rmsds = [float(region_rmsd(m, prep.states[k], region, fit)) for m in members]
+        rmsds = [float(region_rmsd(m, prep.states[k], region, fit, swaps)) for m in members]
         best = int(np.argmin(rmsds))
         out[f"best_rmsd_{alt}"] = rmsds[best]
         out[f"recovered_{alt}"] = bool(rmsds[best] <= recovery_threshold)

@@ -98,6 +98,58 @@ def rmsd(a, b, mask=None) -> float:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+# Side-chain atoms with interchangeable names: a 180-degree flip of the terminal group gives the same molecule, so a
+# model may carry either naming.  Compared under the better of the two, as LDDT does (Mariani et al. 2013,
+# Bioinformatics 29:2722: Asp, Glu, Phe, Tyr, Arg); Leu/Val methyls are prochiral (named by stereochemistry), not swapped.
+SYMMETRIC_ATOMS = {
+    "ASP": (("OD1", "OD2"),),
+    "GLU": (("OE1", "OE2"),),
+    "PHE": (("CD1", "CD2"), ("CE1", "CE2")),
+    "TYR": (("CD1", "CD2"), ("CE1", "CE2")),
+    "ARG": (("NH1", "NH2"),),
+}
+
+
+def symmetric_swaps(layout) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per residue with interchangeable atoms (``SYMMETRIC_ATOMS``), the index arrays (a, b) of the atoms to exchange
+    together; residues missing one of them are left out."""
+    index = layout.index()
+    swaps = []
+    for chain, seq in layout.residues():
+        names = layout.atom_name[(layout.chain_id == chain) & (layout.res_seq == seq)]
+        res_name = str(layout.res_name[index[(chain, seq, str(names[0]))]])
+        pairs = SYMMETRIC_ATOMS.get(res_name, ())
+        keys = [((chain, seq, a), (chain, seq, b)) for a, b in pairs]
+        if pairs and all(ka in index and kb in index for ka, kb in keys):
+            swaps.append((np.array([index[ka] for ka, _ in keys]), np.array([index[kb] for _, kb in keys])))
+    return swaps
+
+
+def match_symmetric(model, target, swaps, mask=None) -> np.ndarray:
+    """``model`` [N, 3] with each residue's interchangeable atoms (``swaps``, from :func:`symmetric_swaps`) exchanged
+    where that brings them closer to ``target`` (summed squared distance; only groups with an atom in ``mask``)."""
+    out = np.array(model, dtype=np.float64)
+    target = np.asarray(target, dtype=np.float64)
+    for a, b in swaps:
+        if mask is not None and not (mask[a].any() or mask[b].any()):
+            continue
+        keep = ((out[a] - target[a]) ** 2).sum() + ((out[b] - target[b]) ** 2).sum()
+        swap = ((out[b] - target[a]) ** 2).sum() + ((out[a] - target[b]) ** 2).sum()
+        if swap < keep:
+            out[a], out[b] = out[b].copy(), out[a].copy()
+    return out
+
+
+def _fit_symmetric(member, target, fit, swaps, region):
+    """Superpose on ``fit`` (all atoms when None), pick the better naming of symmetric atoms, and fit again (the
+    naming can change the fit when the fit atoms include them)."""
+    x = superpose(member, target, fit) if fit is not None else np.asarray(member, dtype=np.float64)
+    if not swaps:
+        return x
+    x = match_symmetric(x, target, swaps, region)
+    return superpose(x, target, fit) if fit is not None else x
+
+
 def altloc_assignment(
     members,
     member_weights,
@@ -107,13 +159,15 @@ def altloc_assignment(
     *,
     fit_mask=None,
     superpose_first: bool = False,
+    swaps=None,
 ) -> dict[str, dict[str, Any]]:
     """Assign each ensemble member to the reference conformer (altloc) it is closest to over the altloc region.
 
     Returns, per reference id, ``best_rmsd`` (smallest region RMSD of any member to it, A), ``assigned_fraction``
     (total weight of the members closest to it; ties go to the first reference) and ``members`` (their indices).
     With ``superpose_first`` each member is first superposed onto each reference on ``fit_mask`` (default: the
-    atoms outside the region), so a rigid motion of a member does not change its assignment.
+    atoms outside the region), so a rigid motion of a member does not change its assignment.  ``swaps`` (from
+    :func:`symmetric_swaps`) compares symmetric side-chain atoms under their better naming.
     """
     members = np.asarray(members, dtype=np.float64)
     references = np.asarray(references, dtype=np.float64)
@@ -143,7 +197,7 @@ def altloc_assignment(
     dist = np.empty((n_members, len(references)))  # region RMSD of member e to reference k
     for e in range(n_members):
         for k, ref in enumerate(references):
-            x = superpose(members[e], ref, fit) if superpose_first else members[e]
+            x = _fit_symmetric(members[e], ref, fit if superpose_first else None, swaps, region)
             dist[e, k] = rmsd(x, ref, region)
 
     nearest = np.argmin(dist, axis=1)  # argmin returns the first of tied minima
@@ -200,10 +254,10 @@ def lddt(model, reference, mask=None, inclusion_radius: float = 15.0, thresholds
     return float(np.mean([np.mean(diff < t) for t in thresholds]))
 
 
-def region_rmsd(member, target, region_mask, fit_mask=None) -> float:
+def region_rmsd(member, target, region_mask, fit_mask=None, swaps=None) -> float:
     """RMSD (A) over ``region_mask`` atoms after superposing ``member`` onto ``target`` on ``fit_mask`` atoms (by
     default every atom outside the region: how far the region sits from the target's with the rest of the chain
-    in register)."""
+    in register).  ``swaps`` (from :func:`symmetric_swaps`): symmetric side-chain atoms under their better naming."""
     member, target = _as_structure(member, "member"), _as_structure(target, "target")
     region = _as_mask(region_mask, len(member), "region_mask")
     if not region.any():
@@ -212,7 +266,7 @@ def region_rmsd(member, target, region_mask, fit_mask=None) -> float:
     if fit.sum() < 3:
         raise ValueError(f"superposition needs at least 3 atoms to fit on; the fit mask has {int(fit.sum())}"
                          " (pass fit_mask explicitly)")
-    return rmsd(superpose(member, target, fit), target, region)
+    return rmsd(_fit_symmetric(member, target, fit, swaps, region), target, region)
 
 
 def recovery(best_rmsd: dict, threshold: float = 1.0) -> dict[str, Any]:

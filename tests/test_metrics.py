@@ -346,3 +346,27 @@ def test_recovery_reads_altloc_assignment_output():
     out = recovery(assigned, threshold=1.0)
     assert out["recovered"] == {"A": True, "B": False} and out["fraction"] == 0.5
     assert recovery({})["fraction"] is None
+
+
+def test_symmetric_side_chain_atoms_are_compared_under_their_better_naming():
+    """A Phe ring turned by 180 degrees about CB-CG is the same molecule with CD1/CD2 and CE1/CE2 renamed: its region
+    RMSD is zero under the swap rule (as in LDDT) and ~2.2 A without.  Asn OD1/ND2 are not interchangeable."""
+    from guidance.demo import build_peptide
+    from guidance.metrics import region_rmsd, symmetric_swaps
+    from predictors.rotamers import set_chis
+
+    helix = [(-57.0, -47.0)] * 4
+    layout, xyz = build_peptide("AFNA", helix, chis={1: (-65.0, -85.0), 2: (-65.0, -20.0)})
+    swaps = symmetric_swaps(layout)
+    assert len(swaps) == 1 and sorted(layout.atom_name[swaps[0][0]]) == ["CD1", "CE1"]
+    phe = layout.res_seq == 2
+    names = layout.atom_name[phe].tolist()
+    flipped = xyz.copy()
+    flipped[phe] = set_chis(names, xyz[phe], "PHE", (-65.0, 95.0))  # chi2 + 180: the same ring, names exchanged
+    region = phe | (layout.res_seq == 3)
+    assert region_rmsd(flipped, xyz, region) > 1.0
+    assert region_rmsd(flipped, xyz, region, swaps=swaps) < 0.01  # the built ring is symmetric to ~0.003 A
+    asn = layout.res_seq == 3
+    turned = xyz.copy()
+    turned[asn] = set_chis(layout.atom_name[asn].tolist(), xyz[asn], "ASN", (-65.0, 160.0))
+    assert region_rmsd(turned, xyz, region, swaps=swaps) == pytest.approx(region_rmsd(turned, xyz, region))
