@@ -114,10 +114,9 @@ def symmetric_swaps(layout) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per residue with interchangeable atoms (``SYMMETRIC_ATOMS``), the index arrays (a, b) of the atoms to exchange
     together; residues missing one of them are left out."""
     index = layout.index()
+    residue_name = dict(zip(zip(layout.chain_id.tolist(), layout.res_seq.tolist()), layout.res_name.tolist()))
     swaps = []
-    for chain, seq in layout.residues():
-        names = layout.atom_name[(layout.chain_id == chain) & (layout.res_seq == seq)]
-        res_name = str(layout.res_name[index[(chain, seq, str(names[0]))]])
+    for (chain, seq), res_name in residue_name.items():
         pairs = SYMMETRIC_ATOMS.get(res_name, ())
         keys = [((chain, seq, a), (chain, seq, b)) for a, b in pairs]
         if pairs and all(ka in index and kb in index for ka, kb in keys):

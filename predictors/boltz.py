@@ -218,6 +218,24 @@ def resolve_input(input) -> tuple[dict[str, str], dict[str, list[int]], Path | N
     return seqs, {c: _layout_numbers(v) for c, v in raw.items()}, Path(input)
 
 
+def resolve_msa_paths(seqs: dict[str, str], msa) -> dict[str, str]:
+    """``msa``: "none"/None (single-sequence mode), one .a3m path (for every chain; they must share one sequence) or
+    ``{chain: path}`` -> ``{chain: path}``, every file checked to exist."""
+    if isinstance(msa, dict):
+        paths = {str(c): str(Path(p).expanduser()) for c, p in msa.items()}
+    elif msa is None or str(msa).lower() == "none":
+        return {}
+    else:
+        if len(set(seqs.values())) > 1:
+            raise ValueError(f"msa={msa}: one MSA file for chains with different sequences; give one per chain, "
+                             "{chain: path.a3m}")
+        paths = {c: str(Path(msa).expanduser()) for c in seqs}
+    for c, p in paths.items():
+        if not Path(p).is_file():
+            raise FileNotFoundError(f"MSA for chain {c} not found: {p}")
+    return paths
+
+
 def sequences_from_structure(path) -> tuple[dict[str, str], dict[str, list[int | None]]]:
     """Protein chains of a structure file: {chain: sequence} and, per chain, the file's residue number of each
     sequence position (None where the residue is not modelled).
@@ -413,18 +431,7 @@ class BoltzDenoiser:
     # -- featurization -----------------------------------------------------------------------------------------------
 
     def _schema(self, seqs, msa):
-        if isinstance(msa, dict):
-            msas = {c: str(Path(p).expanduser()) for c, p in msa.items()}
-        elif msa is None or str(msa).lower() == "none":
-            msas = {}
-        else:
-            if len(set(seqs.values())) > 1:
-                raise ValueError(f"msa={msa}: one MSA file for chains with different sequences; give one per chain, "
-                                 "{chain: path.a3m}")
-            msas = {c: str(Path(msa).expanduser()) for c in seqs}
-        for c, p in msas.items():
-            if not Path(p).is_file():
-                raise FileNotFoundError(f"MSA for chain {c} not found: {p}")
+        msas = resolve_msa_paths(seqs, msa)
         entries = [{"protein": {"id": c, "sequence": s, "msa": msas.get(c, "empty")}} for c, s in seqs.items()]
         return {"version": 1, "sequences": entries}, msas
 

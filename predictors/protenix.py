@@ -54,7 +54,7 @@ import numpy as np
 import torch
 
 from predictors.base import AtomLayout, NoiseSchedule
-from predictors.boltz import resolve_input, unmatched_atoms
+from predictors.boltz import resolve_input, resolve_msa_paths, unmatched_atoms
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -453,21 +453,11 @@ class ProtenixDenoiser:
     # -- featurization -----------------------------------------------------------------------------------------------
 
     def _msa_paths(self, seqs, msa) -> dict[str, str]:
-        if isinstance(msa, dict):
-            paths = {str(c): str(Path(p).expanduser()) for c, p in msa.items()}
-        elif msa is None or str(msa).lower() == "none":
-            return {}
-        else:
-            if len(set(seqs.values())) > 1:
-                raise ValueError(f"msa={msa}: one MSA file for chains with different sequences; give one per chain, "
-                                 "{chain: path.a3m}")
-            paths = {c: str(Path(msa).expanduser()) for c in seqs}
-        for c, p in paths.items():
-            if c not in seqs:
-                raise ValueError(f"MSA given for chain {c}, which is not among the input's chains {list(seqs)}")
-            if not Path(p).is_file():
-                raise FileNotFoundError(f"MSA for chain {c} not found: {p}")
-        return paths
+        if isinstance(msa, dict):  # Protenix would key an MSA of an unknown chain to no entity: say so
+            unknown = [str(c) for c in msa if str(c) not in seqs]
+            if unknown:
+                raise ValueError(f"MSA given for chain {unknown[0]}, which is not among the input's chains {list(seqs)}")
+        return resolve_msa_paths(seqs, msa)
 
     def _sample(self, seqs, msa_paths) -> dict:
         """Protenix's JSON input: one proteinChain entity per distinct sequence (chains with identical sequences share

@@ -343,13 +343,7 @@ class ReferencePrior:
             )
         batch, dim = x.shape[0], 3 * n_atoms
         xf = x.to(dtype=self.dtype, device=self.device).reshape(batch, 1, dim)
-        s = torch.as_tensor(sigma, dtype=self.dtype, device=self.device).reshape(-1)
-        if s.numel() == 1:
-            s = s.expand(batch)
-        elif s.numel() != batch:
-            raise ValueError(
-                f"sigma must be a scalar or have one entry per sample ({batch}), got shape {tuple(s.shape)}"
-            )
+        s = batch_sigma(sigma, batch, self.dtype, self.device)
 
         tau2 = self.tau**2
         c = (tau2 + s**2)[:, None]  # [B, 1]
@@ -371,6 +365,16 @@ class ReferencePrior:
             + torch.einsum("bkm,kdm->bkd", shrink_modes * p, self._basis)
         )
         return log_joint, comp_means
+
+
+def batch_sigma(sigma, batch: int, dtype, device) -> torch.Tensor:
+    """Noise levels [batch] from a scalar or one value per sample (A)."""
+    s = torch.as_tensor(sigma, dtype=dtype, device=device).reshape(-1)
+    if s.numel() == 1:
+        return s.expand(batch)
+    if s.numel() != batch:
+        raise ValueError(f"sigma must be a scalar or have one entry per sample ({batch}), got shape {tuple(s.shape)}")
+    return s
 
 
 def _as_float64(a) -> np.ndarray:

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from predictors.base import AtomLayout, NoiseSchedule
-from predictors.reference import ReferencePrior
+from predictors.reference import ReferencePrior, batch_sigma
 
 __all__ = ["CHI_ATOMS", "RotamerPrior", "SideChainBlock", "dihedral", "library", "set_chis", "side_chain_blocks"]
 
@@ -167,8 +167,11 @@ def side_chain_blocks(
     frame_tree = cKDTree(coords[frame])
     frame_residue = [residue_of[i] for i in np.flatnonzero(frame)]
     blocks = []
-    for key in layout.residues():
-        members = np.array([i for i, r in enumerate(residue_of) if r == key])
+    atoms_of: dict[tuple, list[int]] = {}
+    for i, key in enumerate(residue_of):
+        atoms_of.setdefault(key, []).append(i)
+    for key, members in atoms_of.items():
+        members = np.array(members)
         res_name = str(layout.res_name[members[0]])
         if res_name not in CHI_ATOMS or res_name not in lib:
             continue
@@ -286,11 +289,10 @@ class RotamerPrior:
         out = torch.empty_like(xf)
         out[:, self._core_index] = self.core.denoise(xf[:, self._core_index], s).to(self.dtype)
         if self.blocks:
-            logit, _, c = self._block_terms(xf, s)
+            logit, xb, c = self._block_terms(xf, s)
             r = torch.softmax(logit, dim=-1)  # [B, R, J]
             shrink = (self.tau**2 / c)[:, None, None, None]
             mean = torch.einsum("brj,rjna->brna", r, self._means)
-            xb = xf[:, self._atoms]
             post = mean + shrink * (xb - mean)  # sum_j r_j [m_j + k (x - m_j)] = m_bar + k (x - m_bar)
             out[:, self._flat_atoms] = post[:, self._atom_mask]
         return out.to(x.dtype)
@@ -331,18 +333,13 @@ class RotamerPrior:
     def _prepare(self, x: torch.Tensor, sigma):
         if x.ndim != 3 or x.shape[1:] != (len(self.layout), 3):
             raise ValueError(f"x must have shape [B, {len(self.layout)}, 3], got {tuple(x.shape)}")
-        xf = x.to(dtype=self.dtype, device=self.device)
-        s = torch.as_tensor(sigma, dtype=self.dtype, device=self.device).reshape(-1)
-        if s.numel() == 1:
-            s = s.expand(x.shape[0])
-        elif s.numel() != x.shape[0]:
-            raise ValueError(f"sigma must be a scalar or have one entry per sample ({x.shape[0]}), got {tuple(s.shape)}")
-        return xf, s
+        return x.to(dtype=self.dtype, device=self.device), batch_sigma(sigma, x.shape[0], self.dtype, self.device)
 
     def _block_terms(self, xf: torch.Tensor, s: torch.Tensor):
-        """Per block and component: log w_j - |x_r - m_j|^2 / (2c) [B, R, J], x_r - m_j, and c = tau^2 + sigma^2 [B]."""
+        """Per block and component: log w_j - |x_r - m_j|^2 / (2c) [B, R, J], the block coordinates x_r [B, R, n, 3],
+        and c = tau^2 + sigma^2 [B]."""
         c = self.tau**2 + s**2
         xb = xf[:, self._atoms]  # [B, R, n, 3]
         diff = xb[:, :, None] - self._means[None]  # [B, R, J, n, 3]
         sq = (diff.square().sum(-1) * self._atom_mask[None, :, None]).sum(-1)  # [B, R, J]
-        return self._log_w[None] - sq / (2.0 * c[:, None, None]), diff, c
+        return self._log_w[None] - sq / (2.0 * c[:, None, None]), xb, c

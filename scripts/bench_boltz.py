@@ -27,15 +27,11 @@ import platform
 import time
 import warnings
 
-import numpy as np
 import torch
+from bench_timing import demo_density, guided_step_ms, median_ms  # scripts/bench_timing.py
 
 from guidance.objective import Objective, PotentialTerm, Term
 from guidance.sampler import initial_noise, plan
-from observables.base import AtomInfo
-from observables.density import DensityObservable, synthetic_map
-
-from bench_timing import guided_step_ms, median_ms  # scripts/bench_timing.py
 
 
 def main(argv=None) -> int:
@@ -63,13 +59,7 @@ def main(argv=None) -> int:
     trunk_ms = 1e3 * (time.perf_counter() - t0)
     layout = denoiser.layout
     n = len(layout)
-    # the map and the observable on the predictor's atoms (Boltz has no OXT; match by key)
-    index = pep.layout.index()
-    rows = [index[k] for k in layout.keys()]
-    conformers = np.stack([pep.coords_a[rows], pep.coords_b[rows]]).astype(np.float32)
-    atoms = AtomInfo.from_layout(layout, coords=conformers)
-    dmap = synthetic_map(atoms, conformers, [0.6, 0.4], resolution=2.0)
-    observable = DensityObservable(atoms, map=dmap, resolution=2.0)
+    conformers, observable = demo_density(pep, layout)  # the map and the observable on the predictor's atoms
     pots = denoiser.potentials()
     sched = denoiser.schedule
     steps = plan(sched, 40)

@@ -28,23 +28,11 @@ import platform
 import tempfile
 import time
 
-import numpy as np
 import torch
+from bench_timing import demo_density, guided_step_ms, median_ms  # scripts/bench_timing.py
 
 from guidance.objective import Objective, Term
 from guidance.sampler import initial_noise, plan
-from observables.base import AtomInfo
-from observables.density import DensityObservable, synthetic_map
-
-from bench_timing import guided_step_ms, median_ms  # scripts/bench_timing.py
-
-
-def _conformers(pep, layout) -> np.ndarray:
-    """The peptide's two states on the predictor's atoms; atoms the peptide lacks (the C-terminal OXT) sit on their
-    residue's C."""
-    index = pep.layout.index()
-    rows = [index.get(k, index.get((k[0], k[1], "C"))) for k in layout.keys()]
-    return np.stack([pep.coords_a[rows], pep.coords_b[rows]]).astype(np.float32)
 
 
 def main(argv=None) -> int:
@@ -81,10 +69,7 @@ def main(argv=None) -> int:
         trunk_ms = 1e3 * (time.perf_counter() - t0)
     layout = denoiser.layout
     n = len(layout)
-    conformers = _conformers(pep, layout)
-    atoms = AtomInfo.from_layout(layout, coords=conformers)
-    dmap = synthetic_map(atoms, conformers, [0.6, 0.4], resolution=2.0)
-    observable = DensityObservable(atoms, map=dmap, resolution=2.0)
+    conformers, observable = demo_density(pep, layout)
     sched = denoiser.schedule
     steps = plan(sched, n_steps)
 

@@ -1,17 +1,21 @@
-"""Timing helpers shared by the predictor benchmarks (scripts/bench_boltz.py, scripts/bench_protenix.py): medians of
-wall-clock milliseconds, with CUDA synchronised around each call, and an objective wrapper that adds up the time
-spent in the observables and the torch <-> JAX bridge."""
+"""What the predictor benchmarks (scripts/bench_boltz.py, scripts/bench_protenix.py) share: medians of wall-clock
+milliseconds, with CUDA synchronised around each call, an objective wrapper that adds up the time spent in the
+observables and the torch <-> JAX bridge, the timed guided step, and the demo peptide's density data on a
+predictor's atoms."""
 
 from __future__ import annotations
 
 import statistics
 import time
 
+import numpy as np
 import torch
 
 from guidance import fk as fk_mod
 from guidance.dps import DPS, Strength
 from guidance.sampler import initial_noise
+from observables.base import AtomInfo
+from observables.density import DensityObservable, synthetic_map
 
 
 def sync(device: str) -> None:
@@ -75,3 +79,15 @@ def guided_step_ms(denoise, objective, step, schedule, generator, *, particles: 
         step_times.append(1e3 * total)
         shares.append(timed.seconds / total)
     return statistics.median(step_times), statistics.median(shares)
+
+
+def demo_density(pep, layout) -> tuple[np.ndarray, DensityObservable]:
+    """The two-state demo peptide ``pep`` on the predictor's ``layout`` ([2, N, 3]: atoms the peptide lacks, such as
+    a C-terminal OXT, sit on their residue's C) and the density observable of a synthetic 2 A map of its 0.6/0.4
+    mixture."""
+    index = pep.layout.index()
+    rows = [index.get(k, index.get((k[0], k[1], "C"))) for k in layout.keys()]
+    conformers = np.stack([pep.coords_a[rows], pep.coords_b[rows]]).astype(np.float32)
+    atoms = AtomInfo.from_layout(layout, coords=conformers)
+    dmap = synthetic_map(atoms, conformers, [0.6, 0.4], resolution=2.0)
+    return conformers, DensityObservable(atoms, map=dmap, resolution=2.0)

@@ -1,4 +1,8 @@
-"""Small structure files shared by the predictor tests (Boltz, Protenix)."""
+"""Small structure files and inputs shared by the predictor tests (Boltz, Protenix)."""
+
+from pathlib import Path
+
+import numpy as np
 
 # SEQRES names five residues (MET GLY SER TRP LYS) while only GLY 11 and SER 12 (with a C-terminal OXT) are modelled,
 # numbered from 11: predictors must take the sequence from SEQRES and keep the file's numbering.
@@ -17,3 +21,17 @@ ATOM     10  OG  SER A  12       4.000   3.100   2.400  1.00  0.00           O
 ATOM     11  OXT SER A  12       6.100   3.600   0.000  1.00  0.00           O
 END
 """
+
+
+def two_state_inputs(root: Path):
+    """The demo's two-state peptide written to ``root`` as an altloc structure (occupancies 0.6/0.4) with a synthetic
+    3 A map of that mixture: (peptide, structure path, map path)."""
+    from guidance.demo import build_two_state_peptide, write_two_state_structure
+    from observables.base import AtomInfo
+    from observables.density import synthetic_map, write_ccp4
+
+    pep = build_two_state_peptide()
+    structure = write_two_state_structure(root / "two_state.pdb", pep, occupancies=(0.6, 0.4))
+    dmap = synthetic_map(AtomInfo.from_layout(pep.layout), np.stack([pep.coords_a, pep.coords_b]), [0.6, 0.4],
+                         resolution=3.0)
+    return pep, structure, write_ccp4(root / "two_state.ccp4", dmap)

@@ -25,7 +25,7 @@ from predictors.boltz import (  # noqa: E402
     unmatched_atoms,
 )
 from guidance.sampler import euler_step, kabsch_align, plan  # noqa: E402
-from structures import SEQRES_PDB as PDB  # noqa: E402  (tests/structures.py)
+from structures import SEQRES_PDB as PDB, two_state_inputs  # noqa: E402  (tests/structures.py)
 
 # 63 + 34 + 63 = 160 heavy atoms: a multiple of Boltz's 32-atom window, so Boltz pads nothing and its sampler's
 # centring (which includes pads) acts on exactly our atoms.  Chains A and C share an entity.
@@ -252,16 +252,8 @@ def test_nonstandard_residue_in_file_is_named(models, tmp_path):
 @pytest.fixture(scope="module")
 def e2e_inputs(tmp_path_factory, models):
     """The demo's two-state peptide, a synthetic map of its 0.6/0.4 mixture, and a tiny Boltz-2 checkpoint."""
-    from guidance.demo import build_two_state_peptide, write_two_state_structure
-    from observables.base import AtomInfo
-    from observables.density import synthetic_map, write_ccp4
-
     root = tmp_path_factory.mktemp("boltz_e2e")
-    pep = build_two_state_peptide()
-    structure = write_two_state_structure(root / "two_state.pdb", pep, occupancies=(0.6, 0.4))
-    dmap = synthetic_map(AtomInfo.from_layout(pep.layout), np.stack([pep.coords_a, pep.coords_b]), [0.6, 0.4],
-                         resolution=3.0)
-    map_path = write_ccp4(root / "two_state.ccp4", dmap)
+    pep, structure, map_path = two_state_inputs(root)
     ckpt = root / "tiny_boltz2.ckpt"
     save_checkpoint(models["boltz2"], ckpt)
     return root, structure, map_path, ckpt

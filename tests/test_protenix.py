@@ -31,7 +31,7 @@ from predictors.protenix import (  # noqa: E402
     tiny_model,
     unmatched_atoms,
 )
-from structures import SEQRES_PDB as PDB  # noqa: E402  (tests/structures.py)
+from structures import SEQRES_PDB as PDB, two_state_inputs  # noqa: E402  (tests/structures.py)
 
 REPO = Path(__file__).resolve().parents[1]
 # Chains A and C share an entity; 54 + 34 + 54 heavy atoms + one OXT per chain = 145, not a multiple of Protenix's
@@ -280,16 +280,8 @@ def _hydra_dict(d: dict) -> str:
 @pytest.fixture(scope="module")
 def e2e_inputs(tmp_path_factory, model):
     """The demo's two-state peptide, a synthetic map of its 0.6/0.4 mixture, and a tiny Protenix checkpoint."""
-    from guidance.demo import build_two_state_peptide, write_two_state_structure
-    from observables.base import AtomInfo
-    from observables.density import synthetic_map, write_ccp4
-
     root = tmp_path_factory.mktemp("protenix_e2e")
-    pep = build_two_state_peptide()
-    structure = write_two_state_structure(root / "two_state.pdb", pep, occupancies=(0.6, 0.4))
-    dmap = synthetic_map(AtomInfo.from_layout(pep.layout), np.stack([pep.coords_a, pep.coords_b]), [0.6, 0.4],
-                         resolution=3.0)
-    map_path = write_ccp4(root / "two_state.ccp4", dmap)
+    pep, structure, map_path = two_state_inputs(root)
     ckpt = save_checkpoint(model, root / "tiny_protenix.pt")
     return root, structure, map_path, ckpt, pep
 
