@@ -129,6 +129,7 @@ class SteerResult:
     uncorrected_drift_steps: int = 0
     skipped_guidance_steps: int = 0
     final_log_likelihood: torch.Tensor | None = None  # [P] total log-likelihood of each particle's final ensemble
+    refits: list[str] = field(default_factory=list)  # nuisance-parameter refits made during sampling (by the app)
 
 
 # ----------------------------------------------------------------------------------------------- the loop
@@ -272,7 +273,8 @@ def steer(
                 row["resampled"] = 1
         result.trajectory.append(row)
         if callback is not None:
-            callback({"x": state.x, "i": step.index, "sigma": step.sigma, "denoised": x0_hat.detach(), "row": row})
+            callback({"x": state.x, "i": step.index, "sigma": step.sigma, "denoised": x0_hat.detach(), "row": row,
+                      "log_likelihood": total})
 
     # the final factor of the difference potential: evaluate the likelihood at the sample itself
     if objective is not None:

@@ -680,7 +680,7 @@ def read_multiconf(path, *, hydrogens: bool = False, model: int | str | None = N
     keys = list(sites)
     atom, alt, xyz, occ, bf = [], [], [], [], []
     for i, k in enumerate(keys):
-        for a, (p, o, bb) in sites[k].alts.items():
+        for a, (p, o, bb, _) in sites[k].alts.items():
             atom.append(i)
             alt.append(a)
             xyz.append(p)

@@ -45,6 +45,15 @@ class PotentialTerm:
     weight: float = 1.0
 
 
+def _plain(value):
+    """A report value as JSON-ready Python: numbers as float, arrays as lists; text, flags, lists and dicts as given."""
+    if value is None or isinstance(value, (str, bool, int, dict, list, tuple)):
+        return value
+    if np.ndim(value) == 0:
+        return float(value)
+    return np.asarray(value).tolist()
+
+
 class Objective:
     """Callable on torch coordinates ``[P*E, N, 3]`` (and the steering time ``t``) ->
     ``(total [P], grad [P*E, N, 3], terms {name: [P]})``."""
@@ -80,9 +89,14 @@ class Objective:
             raise ValueError("alignment to the input frame needs a reference structure")
 
         observables = [(t.observable, float(t.weight)) for t in self.terms]
+        # Observables with nuisance parameters that are refitted while sampling (X-ray bulk solvent and scales) keep
+        # them in ``state`` and expose ``log_likelihood_with(state, coords, weights)``: the states travel into the
+        # jitted function as arguments, so a refit changes numbers, not the compiled graph.
+        self._stateful = [hasattr(obs, "log_likelihood_with") and hasattr(obs, "state") for obs, _ in observables]
 
-        def per_particle(coords, weights):  # coords [E, N, 3]
-            values = jnp.stack([obs.log_likelihood(coords, weights) for obs, _ in observables])
+        def per_particle(coords, weights, states):  # coords [E, N, 3]
+            values = jnp.stack([obs.log_likelihood_with(st, coords, weights) if st is not None
+                                else obs.log_likelihood(coords, weights) for (obs, _), st in zip(observables, states)])
             total = sum(wt * values[k] for k, (_, wt) in enumerate(observables))
             return total, values
 
@@ -91,10 +105,10 @@ class Objective:
         # loop (lax.map: 11.7x); accelerators get the vectorised form.
         vectorise = jax.default_backend() != "cpu"
 
-        def batched(coords, weights):  # coords [P, E, N, 3]
+        def batched(coords, weights, states):  # coords [P, E, N, 3]
             if vectorise:
-                return jax.vmap(per_particle, in_axes=(0, None))(coords, weights)
-            return jax.lax.map(lambda c: per_particle(c, weights), coords)
+                return jax.vmap(per_particle, in_axes=(0, None, None))(coords, weights, states)
+            return jax.lax.map(lambda c: per_particle(c, weights, states), coords)
 
         self._batched = jax.jit(batched)
         self._vg = value_and_grad(batched)
@@ -112,7 +126,7 @@ class Objective:
         p = b // self.n_members
         xf, rot = self._frame(x)
         coords = xf.reshape(p, self.n_members, n, 3).contiguous()
-        total, grad, values = self._vg(coords, self.member_weights)
+        total, grad, values = self._vg(coords, self.member_weights, self.states())
         grad = grad.reshape(b, n, 3)
         if rot is not None:
             grad = grad @ rot.transpose(-1, -2)
@@ -131,7 +145,8 @@ class Objective:
         b, n, _ = x.shape
         p = b // self.n_members
         xf, _ = self._frame(x)
-        total, values = self._batched(torch_to_jax(xf.reshape(p, self.n_members, n, 3).contiguous()), self.member_weights)
+        total, values = self._batched(torch_to_jax(xf.reshape(p, self.n_members, n, 3).contiguous()),
+                                      self.member_weights, self.states())
         values = jax_to_torch(values)
         total = jax_to_torch(total)
         terms = {name: values[:, k] for k, name in enumerate(self.names)}
@@ -141,6 +156,51 @@ class Objective:
             terms[pot.name] = -pot.weight * energy.to(total.dtype).reshape(p, self.n_members).sum(1)
             total = total + terms[pot.name]
         return total, terms
+
+    def data_frame(self, coords: np.ndarray) -> np.ndarray:
+        """Structures [B, N, 3] in the frame the observables see: superposed onto the input structure when the
+        predictor does not live in the data's frame, else unchanged."""
+        x = np.asarray(coords, np.float32)
+        if not self.align:
+            return x
+        xf, _ = self._frame(torch.as_tensor(x))
+        return xf.detach().cpu().numpy()
+
+    def states(self) -> tuple:
+        """The current nuisance-parameter state of each observable (None for those without)."""
+        return tuple(t.observable.state if st else None for t, st in zip(self.terms, self._stateful))
+
+    def refit(self, coords: np.ndarray, weights: np.ndarray | None = None) -> list[str]:
+        """Refit every observable with nuisance parameters (``refit(coords, weights)``) to the ensemble ``coords
+        [E, N, 3]`` (in the data's frame) at ``weights`` (default: the objective's member weights); their names."""
+        w = np.asarray(self.member_weights) if weights is None else np.asarray(weights, np.float32)
+        done = []
+        for t in self.terms:
+            if callable(getattr(t.observable, "refit", None)):
+                t.observable.refit(np.asarray(coords, np.float32), w)
+                done.append(t.name)
+        return done
+
+    def refit_during_sampling(self, step_index: int, sigma: float, x0_hat: torch.Tensor,
+                              scores: torch.Tensor | None) -> list[str]:
+        """Refit the observables whose schedule asks for it at this step (``refit_every`` steps, once the noise level
+        is at most ``refit_below_sigma``) to the denoised ensemble of the best-scoring particle (``scores [P]``, e.g.
+        this step's log-likelihoods), superposed onto the input frame as the likelihood sees it; their names."""
+        due = [t for t in self.terms if callable(getattr(t.observable, "refit", None))
+               and int(getattr(t.observable, "refit_every", 0)) > 0
+               and step_index % int(t.observable.refit_every) == 0
+               and sigma <= float(getattr(t.observable, "refit_below_sigma", math.inf))]
+        if not due:
+            return []
+        x = x0_hat.detach()
+        b, n, _ = x.shape
+        p = b // self.n_members
+        xf, _ = self._frame(x)
+        best = 0 if scores is None else int(torch.argmax(torch.nan_to_num(scores.double(), nan=-math.inf)))
+        members = xf.reshape(p, self.n_members, n, 3)[best].cpu().numpy()
+        for t in due:
+            t.observable.refit(members, np.asarray(self.member_weights))
+        return [t.name for t in due]
 
     def potential_reports(self, coords: np.ndarray, t: float = 0.0) -> dict[str, dict[str, float]]:
         """Each potential's energy for one ensemble ``coords [E, N, 3]``: mean over members of the total and of each
@@ -161,7 +221,7 @@ class Objective:
         out = {}
         for t in self.terms:
             rep = t.observable.report(c, w)
-            out[t.name] = {k: (float(v) if np.ndim(v) == 0 else np.asarray(v).tolist()) for k, v in rep.items()}
+            out[t.name] = {k: _plain(v) for k, v in rep.items()}
             ll = float(t.observable.log_likelihood(c, w))
             out[t.name].setdefault("log_likelihood", ll if math.isfinite(ll) else None)
         return out

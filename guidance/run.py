@@ -242,15 +242,65 @@ def _boltz_arch_args(pcfg) -> dict:
     return out
 
 
-def build_objective(cfg, layout, ref_coords, demo_data: dict[str, Path] | None = None):
+def structure_atoms(conf, layout=None, match=None) -> dict:
+    """What the input structure says about the atoms beyond their positions, as ``AtomInfo`` fields: the conformers'
+    weights, B-factors, occupancies, the crystal and the fixed atoms (waters, ligands, anything ``layout`` lacks).
+
+    Score mode (``layout`` None: the structure's own atoms, evaluated as its K conformers): per-conformer B [K, N],
+    anisotropic U [K, N, 6] and occupancies relative to the conformer weights [K, N], so that the weighted conformers
+    are exactly the file's multiconformer model.  Sample mode (the predictor's ``layout`` and the ``match`` of the
+    structure onto it): every sampled member carries the input's B per atom (the conformers' weighted mean;
+    atoms the structure lacks take their residue's mean, else the overall mean) and the atom's total occupancy;
+    members are moved, so anisotropic U does not apply."""
+    from guidance.structure import read_fixed_atoms
+    from observables.base import Crystal, FixedAtoms
+
+    extras: dict = {"weights": np.asarray(conf.weights, np.float32)}
+    if conf.crystal is not None:
+        extras["crystal"] = Crystal(tuple(float(v) for v in conf.crystal[0]), str(conf.crystal[1]))
+    target = conf.layout if layout is None else layout
+    if conf.path is not None:
+        fixed = read_fixed_atoms(conf.path, target.keys())
+        counts = fixed.pop("counts")
+        if len(fixed["element"]):
+            extras["environment"] = FixedAtoms(**fixed)
+            log.info("fixed atoms (not moved, seen by the data): %d waters and %d other atoms (ligands, ions, atoms the "
+                     "model lacks), hydrogens left out", counts["water"], counts["other"])
+    if conf.b_iso is None:
+        return extras
+    if layout is None:
+        extras.update(b_iso=conf.b_iso, occupancy=conf.relative_occupancies(),
+                      u_aniso=conf.u_aniso if conf.u_aniso is not None and np.any(conf.u_aniso) else None)
+        return extras
+    w = np.asarray(conf.weights, np.float64)
+    b_conf = (w[:, None] * conf.b_iso).sum(0)
+    b = np.full(len(layout), np.nan)
+    b[match.dst_index] = b_conf[match.src_index]
+    occ = np.ones(len(layout))
+    if conf.occupancies is not None:
+        occ[match.dst_index] = conf.occupancies.sum(0)[match.src_index]
+    if np.isnan(b).any():
+        residues = list(zip(layout.chain_id.tolist(), layout.res_seq.tolist()))
+        known_b = {}
+        for r, v in zip(residues, b):
+            if np.isfinite(v):
+                known_b.setdefault(r, []).append(v)
+        overall = float(np.nanmean(b)) if np.isfinite(b).any() else 20.0
+        b = np.array([v if np.isfinite(v) else float(np.mean(known_b.get(r, [overall]))) for r, v in zip(residues, b)])
+    extras.update(b_iso=b.astype(np.float32), occupancy=occ.astype(np.float32))
+    return extras
+
+
+def build_objective(cfg, layout, ref_coords, demo_data: dict[str, Path] | None = None, extras: dict | None = None):
     """The observables selected in ``cfg.observables``, built on the atoms of ``layout`` (the predictor's, or the
-    structure's in score mode) with the input structure's conformers ``ref_coords [K, N, 3]`` in that order."""
+    structure's in score mode) with the input structure's conformers ``ref_coords [K, N, 3]`` in that order and the
+    ``extras`` of ``structure_atoms`` (B-factors, occupancies, crystal, fixed atoms)."""
     import observables
     from guidance.objective import Term
     from observables.base import AtomInfo
     from omegaconf import OmegaConf
 
-    atoms = AtomInfo.from_layout(layout, coords=ref_coords)
+    atoms = AtomInfo.from_layout(layout, coords=ref_coords, **(extras or {}))
     terms = []
     for name in cfg.observables or {}:
         params = OmegaConf.to_container(cfg.observables[name], resolve=True)
@@ -266,9 +316,28 @@ def build_objective(cfg, layout, ref_coords, demo_data: dict[str, Path] | None =
             raise UserError(f"observable {name!r}: {exc}") from exc
         terms.append(Term(name, obs, weight))
         log.info("observable %s (weight %.3g): %s", name, weight, {k: (str(v) if isinstance(v, Path) else v) for k, v in params.items()})
+        _log_observable(name, obs)
     if not terms:
         raise UserError("no observables selected: use e.g. observables=[density]")
     return terms
+
+
+def _log_observable(name: str, obs) -> None:
+    """What an observable took from the data and the structure, as a user checks first."""
+    if name == "xray":
+        refl = obs.reflections
+        log.info("xray: %s, columns %s, %d reflections (%d work, %d free: %s), %.2f-%.2f A; %s; F_calc grid %s, "
+                 "blur %.1f A^2", refl.path, ",".join(refl.columns), len(refl), obs.n_work, len(refl) - obs.n_work,
+                 refl.free_rule, refl.d_max, refl.d_min, obs.crystal_data.describe(), list(obs.sf.grid.shape),
+                 obs.sf.blur)
+        log.info("xray: first fit to the input structure: k_sol %.3f e/A^3, B_sol %.1f A^2, solvent %.0f %% of the "
+                 "cell, sigma_A %s", obs.fit["k_sol"], obs.fit["b_sol"], 100 * obs.fit["solvent_fraction"],
+                 obs.fit["sigmaa_bins"])
+    elif name == "density":
+        log.info("density: resolution %.2f A (%s), B from %s, %d fixed atoms in the box", obs.resolution,
+                 obs.resolution_source, obs.b_source, obs.n_environment)
+    for note in getattr(obs, "notes", []) or []:
+        log.info("%s: %s", name, note)
 
 
 def build_potentials(cfg, predictor) -> list:
@@ -387,7 +456,7 @@ def score(cfg, conf, demo_data, truth) -> dict:
     from guidance.metrics import geometry_report
     from guidance.objective import Objective
 
-    terms = build_objective(cfg, conf.layout, conf.coords, demo_data)
+    terms = build_objective(cfg, conf.layout, conf.coords, demo_data, structure_atoms(conf))
     if cfg.get("potentials"):
         log.warning("mode=score builds no predictor: potentials %s are not evaluated", list(cfg.potentials))
     objective = Objective(terms, n_members=len(conf.ids), member_weights=conf.weights)
@@ -445,7 +514,7 @@ def sample(cfg, conf, demo_data, truth, out_dir: Path) -> dict:
     ref_coords = np.zeros((len(conf.ids), len(predictor.layout), 3), np.float32)
     ref_coords[:, match.dst_index] = conf.coords[:, match.src_index]
     ref_coords = fill_missing(predictor.layout, ref_coords, known)
-    terms = build_objective(cfg, predictor.layout, ref_coords, demo_data)
+    terms = build_objective(cfg, predictor.layout, ref_coords, demo_data, structure_atoms(conf, predictor.layout, match))
 
     scfg, gcfg = cfg.sampler, cfg.guidance
     schedule = _schedule(predictor, scfg)
@@ -476,6 +545,8 @@ def sample(cfg, conf, demo_data, truth, out_dir: Path) -> dict:
              gcfg.method, p, e, len(steps), steps[0].sigma, scfg.solver)
     result = _steer(predictor, x, steps, schedule, gen, p, e, objective if gcfg.method != "none" else None, dps, fk,
                     n_steps, augmentation, align_step, scfg, gcfg.method, out_dir / "trajectory.csv")
+    if result.refits:
+        log.info("refitted during sampling: %s", result.refits)
 
     particles = result.particles.detach().cpu().numpy()
     if not np.isfinite(particles).all():
@@ -485,8 +556,13 @@ def sample(cfg, conf, demo_data, truth, out_dir: Path) -> dict:
         final_ll, _ = objective.value(result.particles.reshape(p * e, n_atoms, 3))
     pw = result.weights.detach().cpu().numpy()
     best = int(np.argmax(pw))
-    members = particles[best]
+    # in the data's frame from here on (superposed onto the input when the predictor was trained with random
+    # rotations): what the observables saw, what the reports, the reference metrics and ensemble.cif hold
+    members = objective.data_frame(particles[best])
     uniform = np.full(e, 1.0 / e)
+    refit = objective.refit(members, uniform)  # nuisance parameters (X-ray scales) for the final ensemble
+    if refit:
+        log.info("refitted %s to the final ensemble before weight refinement", ", ".join(refit))
     fit = None
     mweights = uniform
     if cfg.weights.refine:
@@ -537,9 +613,16 @@ def _steer(predictor, x, steps, schedule, gen, p, e, objective, dps, fk, n_steps
     rows: list[dict] = []
     latest: dict = {}
 
+    refits: list[str] = []
+
     def on_step(info):
         rows.append(info["row"])
         latest["x"] = info["x"]
+        if objective is not None:
+            done = objective.refit_during_sampling(info["i"], info["sigma"], info["denoised"], info["log_likelihood"])
+            if done:
+                info["row"]["refit"] = "+".join(done)
+                refits.append(f"step {info['i']}: {'+'.join(done)}")
         if len(rows) % 10 == 0:
             write_trajectory(traj_path, rows)
 
@@ -560,6 +643,7 @@ def _steer(predictor, x, steps, schedule, gen, p, e, objective, dps, fk, n_steps
             saved = f" and the particles at that step in {partial}"
         raise UserError(f"interrupted after {len(rows)} steps; the trajectory so far is in {traj_path}{saved}") from None
     write_trajectory(traj_path, result.trajectory)
+    result.refits = refits
     return result
 
 
@@ -607,7 +691,11 @@ def _app(cfg) -> int:
         raise
     metrics["config"] = OmegaConf.to_container(cfg, resolve=True)
     atomic_write(out_dir / "metrics.json", json.dumps(_jsonable(metrics), indent=2))
-    headline = ("rscc", "cc_box", "chi2", "q_factor", "rg", "violations", "rms_violation", "rmse_ca", "rmsd")
+    for name, rep in metrics["observables"].items():
+        if rep.get("warning"):
+            log.warning("%s: %s", name, rep["warning"])
+    headline = ("rscc", "cc_box", "chi2", "q_factor", "rg", "violations", "rms_violation", "rmse_ca", "rmsd", "r_work",
+                "r_free")
     summary = {name: {k: round(v, 4) if isinstance(v, float) else v for k, v in rep.items() if k in headline}
                for name, rep in metrics["observables"].items()}
     ref = metrics.get("reference", {}).get("altlocs", {})

@@ -35,6 +35,7 @@ from predictors.base import AtomKey, AtomLayout
 __all__ = [
     "StructureError",
     "Conformers",
+    "read_fixed_atoms",
     "read_structure",
     "write_ensemble_cif",
     "write_altloc_structure",
@@ -77,9 +78,25 @@ class Conformers:
     path: Path | None
     kind: str  # "altloc" | "models" | "single"
     metadata: dict = field(default_factory=dict)  # from _ensemble_guide_metadata, when the file has it
+    # What the file says of each conformer's copy of each atom (None when built in memory without a file):
+    # occupancies[k, i] is the occupancy conformer k carries for atom i, so that sum_k occupancies[:, i] is the atom's
+    # total occupancy in the file: an altloc's own record at its occupancy, a shared record split by the conformer
+    # weights, 0 where conformer k borrowed another altloc's record; b_iso [K, N] (A^2) and u_aniso [K, N, 6]
+    # (U11, U22, U33, U12, U13, U23, Cartesian A^2, zeros for isotropic atoms) of the record each conformer uses.
+    occupancies: np.ndarray | None = None
+    b_iso: np.ndarray | None = None
+    u_aniso: np.ndarray | None = None
+    crystal: tuple | None = None  # (cell (a, b, c, alpha, beta, gamma), space group name) when the file has a cell
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def relative_occupancies(self) -> np.ndarray:
+        """occupancies / weights [K, N]: each conformer's per-atom occupancy relative to its weight, so that the
+        weighted conformers reproduce the file's occupancies (ones when the file gave none)."""
+        if self.occupancies is None:
+            return np.ones(self.coords.shape[:2], np.float32)
+        return (self.occupancies / np.maximum(self.weights, 1e-12)[:, None]).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -174,8 +191,9 @@ def _collect_model(model: gemmi.Model, path: Path, hydrogens: bool) -> dict[Atom
                 if alt in site.alts:
                     label = f" altloc {alt}" if alt else ""
                     raise StructureError(f"{path}: {where} lists atom {atom.name}{label} twice")
-                p = atom.pos
-                site.alts[alt] = ((p.x, p.y, p.z), float(atom.occ), float(atom.b_iso))
+                p, u = atom.pos, atom.aniso
+                aniso = (u.u11, u.u22, u.u33, u.u12, u.u13, u.u23) if u.nonzero() else (0.0,) * 6
+                site.alts[alt] = ((p.x, p.y, p.z), float(atom.occ), float(atom.b_iso), aniso)
     return sites
 
 
@@ -281,8 +299,13 @@ def read_structure(path, *, hydrogens: bool = False, model: int | str | None = N
             weights = np.ones(1)
             varying = np.zeros(len(keys), dtype=bool)
         b_factors = np.array([first[k].pick(ids[0])[2] for k in keys], dtype=np.float32)
+        picks = [[first[k].pick(a) for k in keys] for a in ids]
+        occupancies = np.array([[_share(first[k], a, w) for k in keys] for a, w in zip(ids, weights)], np.float32)
         return Conformers(layout, coords, weights, ids, b_factors, varying, path,
-                          "altloc" if altlocs else "single", metadata)
+                          "altloc" if altlocs else "single", metadata, occupancies=occupancies,
+                          b_iso=np.array([[e[2] for e in row] for row in picks], np.float32),
+                          u_aniso=np.array([[e[3] for e in row] for row in picks], np.float32),
+                          crystal=_crystal(st))
 
     # several models, no altlocs in the first: one conformer per model
     per_model = [first] + [_collect_model(m, path, hydrogens) for m in models[1:]]
@@ -316,7 +339,66 @@ def read_structure(path, *, hydrogens: bool = False, model: int | str | None = N
             warnings.warn(f"{path}: {MEMBER_CATEGORY}model_id does not cover every model; using uniform weights",
                           stacklevel=2)
         weights = np.full(len(ids), 1.0 / len(ids))
-    return Conformers(layout, coords, weights, ids, b_factors, varying, path, "models", metadata)
+    picks = [[sites[k].pick("") for k in keys] for sites in per_model]
+    occupancies = np.array([[w * e[1] for e in row] for row, w in zip(picks, weights)], np.float32)
+    return Conformers(layout, coords, weights, ids, b_factors, varying, path, "models", metadata,
+                      occupancies=occupancies, b_iso=np.array([[e[2] for e in row] for row in picks], np.float32),
+                      u_aniso=np.array([[e[3] for e in row] for row in picks], np.float32), crystal=_crystal(st))
+
+
+def _share(site: "_Site", altloc: str, weight: float) -> float:
+    """The occupancy conformer ``altloc`` (weight ``weight``) carries for one atom: its own record's, a shared record's
+    times the weight, or 0 when it borrowed another altloc's record (see ``Conformers.occupancies``)."""
+    if altloc in site.alts:
+        return site.alts[altloc][1]
+    if "" in site.alts:
+        return site.alts[""][1] * weight
+    return 0.0
+
+
+def _crystal(st: gemmi.Structure) -> tuple | None:
+    """(cell parameters, space group name) of a structure with a real unit cell, else None (e.g. CRYST1 1 1 1)."""
+    if not st.cell.is_crystal() or st.cell.a <= 1.0 + 1e-6:
+        return None
+    sg = st.find_spacegroup()
+    return tuple(st.cell.parameters), (sg.xhm() if sg is not None else st.spacegroup_hm or "P 1")
+
+
+def read_fixed_atoms(path, exclude=(), *, hydrogens: bool = False, model: int | str | None = None) -> dict:
+    """The atoms of a structure file's first (or ``model``) model whose (chain, residue number, atom name) is not in
+    ``exclude``: waters, ligands, ions and anything else a model leaves out, every altloc record on its own.
+
+    Returns arrays for ``observables.base.FixedAtoms``: element, xyz [M, 3], b_iso, occupancy, u_aniso [M, 6], label,
+    plus ``counts`` {"water": n, "other": n} of the atoms kept.  Hydrogens are left out unless ``hydrogens=True``."""
+    path = Path(path)
+    st, _ = _read_gemmi(path)
+    models = _pick_models(st, path, model)
+    skip = set(exclude)
+    rows = []
+    counts = {"water": 0, "other": 0}
+    for chain in models[0]:
+        for res in chain:
+            water = res.is_water()
+            for atom in res:
+                if not hydrogens and atom.is_hydrogen():
+                    continue
+                if (chain.name, res.seqid.num, atom.name) in skip:
+                    continue
+                p, u = atom.pos, atom.aniso
+                aniso = (u.u11, u.u22, u.u33, u.u12, u.u13, u.u23) if u.nonzero() else (0.0,) * 6
+                alt = atom.altloc if atom.has_altloc() else ""
+                rows.append((atom.element.name, (p.x, p.y, p.z), float(atom.b_iso), float(atom.occ), aniso,
+                             f"{chain.name} {res.name} {res.seqid.num} {atom.name}{'.' + alt if alt else ''}"))
+                counts["water" if water else "other"] += 1
+    return {
+        "element": np.array([r[0] for r in rows], dtype=str),
+        "xyz": np.array([r[1] for r in rows], dtype=np.float32).reshape(-1, 3),
+        "b_iso": np.array([r[2] for r in rows], dtype=np.float32),
+        "occupancy": np.array([r[3] for r in rows], dtype=np.float32),
+        "u_aniso": np.array([r[4] for r in rows], dtype=np.float32).reshape(-1, 6),
+        "label": np.array([r[5] for r in rows], dtype=str),
+        "counts": counts,
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -20,11 +20,63 @@ ENTRY_POINT_GROUP = "ensemble_guide.observables"
 
 
 @dataclass(frozen=True)
+class Crystal:
+    """The crystal a structure or a data set belongs to: ``cell`` (a, b, c in A; alpha, beta, gamma in degrees) and
+    the space group's Hermann-Mauguin name."""
+
+    cell: tuple[float, float, float, float, float, float]
+    space_group: str
+
+    def describe(self) -> str:
+        a, b, c, al, be, ga = self.cell
+        return f"{self.space_group} ({a:.2f} {b:.2f} {c:.2f} A, {al:.1f} {be:.1f} {ga:.1f} deg)"
+
+    def mismatch(self, other: "Crystal", length_tol: float = 0.01, angle_tol: float = 1.0) -> str | None:
+        """Why ``other`` is a different crystal (space group, or a cell length off by more than ``length_tol``
+        relative / an angle by more than ``angle_tol`` degrees), or None when they agree."""
+        import gemmi
+
+        mine, theirs = gemmi.find_spacegroup_by_name(self.space_group), gemmi.find_spacegroup_by_name(other.space_group)
+        if mine is None or theirs is None or mine.number != theirs.number or mine.xhm() != theirs.xhm():
+            return f"space group {self.space_group} vs {other.space_group}"
+        for name, x, y in zip(("a", "b", "c"), self.cell[:3], other.cell[:3]):
+            if abs(x - y) > length_tol * max(x, y):
+                return f"cell {name} {x:.3f} vs {y:.3f} A"
+        for name, x, y in zip(("alpha", "beta", "gamma"), self.cell[3:], other.cell[3:]):
+            if abs(x - y) > angle_tol:
+                return f"cell {name} {x:.2f} vs {y:.2f} deg"
+        return None
+
+
+@dataclass(frozen=True)
+class FixedAtoms:
+    """Atoms the data see but the sampler never moves: the input structure's waters, ligands, ions and any atom the
+    model does not represent.  Arrays [M]; ``xyz`` [M, 3] A; ``u_aniso`` [M, 6] (U11, U22, U33, U12, U13, U23,
+    Cartesian A^2) or None; ``label`` names each atom for messages ("A HOH 301 O")."""
+
+    element: np.ndarray
+    xyz: np.ndarray
+    b_iso: np.ndarray
+    occupancy: np.ndarray
+    label: np.ndarray
+    u_aniso: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.element)
+
+
+@dataclass(frozen=True)
 class AtomInfo:
     """Plain description of the model's atoms (length N), in the order of the coordinates an observable receives.
 
-    ``coords`` are optional reference coordinates ``[K, N, 3]`` (e.g. the input structure's conformers): an
-    observable may use them to fix things that must not move with the sample, such as a density mask or a map box.
+    ``coords`` are optional reference coordinates ``[K, N, 3]`` (e.g. the input structure's conformers) with their
+    ``weights [K]``: an observable may use them to fix things that must not move with the sample, such as a density
+    mask, a map box or the bulk-solvent model of a crystal.
+    What a structure file says about the atoms beyond their positions, each optional:
+    - ``b_iso`` [N] or [K, N] (A^2) and ``u_aniso`` [N, 6] or [K, N, 6] (Cartesian U, A^2; zeros where isotropic);
+    - ``occupancy`` [N] (of every member alike) or [K, N] (per conformer, relative to the conformer's weight: valid
+      when an observable is evaluated on exactly the K reference conformers, as in score mode);
+    - ``crystal``: the cell and space group of the structure; ``environment``: the fixed atoms around the model.
     """
 
     element: np.ndarray
@@ -33,13 +85,20 @@ class AtomInfo:
     res_seq: np.ndarray
     chain_id: np.ndarray
     coords: np.ndarray | None = None
+    weights: np.ndarray | None = None
+    b_iso: np.ndarray | None = None
+    u_aniso: np.ndarray | None = None
+    occupancy: np.ndarray | None = None
+    crystal: Crystal | None = None
+    environment: FixedAtoms | None = None
 
     def __len__(self) -> int:
         return len(self.element)
 
     @classmethod
-    def from_layout(cls, layout: Any, coords: np.ndarray | None = None) -> "AtomInfo":
-        """Build from any object with AtomLayout-like arrays (duck typed: observables do not import predictors)."""
+    def from_layout(cls, layout: Any, coords: np.ndarray | None = None, **extra) -> "AtomInfo":
+        """Build from any object with AtomLayout-like arrays (duck typed: observables do not import predictors);
+        ``extra`` sets the optional fields (weights, b_iso, u_aniso, occupancy, crystal, environment)."""
         if coords is not None:
             coords = np.asarray(coords, dtype=np.float32)
             if coords.ndim == 2:
@@ -51,6 +110,7 @@ class AtomInfo:
             res_seq=np.asarray(layout.res_seq).astype(np.int64),
             chain_id=np.asarray(layout.chain_id).astype(str),
             coords=coords,
+            **extra,
         )
 
 
@@ -120,3 +180,4 @@ def _load_builtin() -> None:
     import observables.rdc  # noqa: F401  (registers "rdc")
     import observables.saxs  # noqa: F401  (registers "saxs")
     import observables.shifts  # noqa: F401  (registers "shifts")
+    import observables.xray  # noqa: F401  (registers "xray")

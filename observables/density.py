@@ -21,9 +21,9 @@ Sources
 
 from __future__ import annotations
 
-import functools
 import math
 import os
+import re
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,23 +34,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from observables.base import AtomInfo, register
+from observables.base import AtomInfo, Crystal, register
+from observables.form_factors import KINDS, coefficients, normalise_element
 
 __all__ = [
     "KINDS",
     "DensityKernel",
+    "MapInfo",
     "DensityMap",
     "DensityObservable",
     "MapError",
     "atom_density",
     "form_factor_coefficients",
+    "map_info",
     "read_map",
     "resolution_blur",
     "synthetic_map",
     "write_ccp4",
 ]
-
-KINDS = ("xray", "em")
 
 # Smallest total Gaussian width b_i + B (A^2): keeps (4 pi / b)^1.5 finite for a zero B on the constant term.
 MIN_GAUSSIAN_WIDTH = 0.1
@@ -64,6 +65,8 @@ MTZ_AUTO_COLUMNS = (
 )
 
 _CCP4_SUFFIXES = (".ccp4", ".mrc", ".map")
+RESOLUTION_LABEL = "ensemble-guide: resolution"  # how write_ccp4 records a map's resolution in a header label
+_RESOLUTION_RE = re.compile(r"resolution[^0-9]{0,12}([0-9]+(?:\.[0-9]+)?)\s*(?:A|Angstrom|\u00c5)?", re.IGNORECASE)
 
 
 class MapError(ValueError):
@@ -75,39 +78,10 @@ class MapError(ValueError):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _normalise_element(element: str) -> str:
-    return str(element).strip().capitalize()
-
-
-@functools.cache
 def form_factor_coefficients(element: str, kind: str = "xray") -> tuple[np.ndarray, np.ndarray]:
-    """Gaussian-sum coefficients ``(a [G], b [G])`` of one element's scattering factor f(s) = sum_g a_g exp(-b_g s^2).
-
-    ``kind="xray"``: IT92 (ITC Vol. C Table 6.1.1.4), G = 5: a1..a4, c (electrons) with b1..b4, 0 (A^2); the constant c
-    is returned as a Gaussian of zero width (a delta function) that only the atom's B-factor widens.
-    ``kind="em"``: ITC Vol. C Table 4.3.2.2, G = 5: a1..a5 (A), b1..b5 (A^2).
-    s = sin(theta)/lambda in 1/A.  Any element with coefficients in gemmi's tables is accepted (not only the common
-    H, C, N, O, S, P, SE, FE, ZN, MG, CA, CL, NA, K, MN, CU); unknown names raise ``ValueError``.
-    """
-    if kind not in KINDS:
-        raise ValueError(f"unknown density kind {kind!r}; use one of {KINDS}")
-    name = _normalise_element(element)
-    el = gemmi.Element(name)
-    if not name or el.atomic_number == 0:
-        raise ValueError(f"unknown element {element!r}: no scattering factor for it (gemmi does not know it)")
-    if kind == "xray":
-        coef = el.it92
-        a = np.array([*coef.a, coef.c], dtype=np.float64)
-        b = np.array([*coef.b, 0.0], dtype=np.float64)
-    else:
-        coef = el.c4322
-        a = np.array(coef.a, dtype=np.float64)
-        b = np.array(coef.b, dtype=np.float64)
-    if not np.any(a != 0):
-        raise ValueError(f"element {name!r} has no {kind} scattering factor in gemmi's tables")
-    a.setflags(write=False)
-    b.setflags(write=False)
-    return a, b
+    """Gaussian-sum coefficients ``(a [5], b [5])`` of one element's scattering factor (``observables.form_factors``,
+    the project's one table: IT92 for X-ray with the constant c as a zero-width Gaussian, ITC 4.3.2.2 for em)."""
+    return coefficients(element, kind)
 
 
 def resolution_blur(resolution: float) -> float:
@@ -128,7 +102,7 @@ def _gaussian_tables(elements: Sequence[str], b_iso: float | np.ndarray, kind: s
     rho_atom(r) = sum_g amp_g exp(-kexp_g r^2) with amp_g = a_g (4 pi / w_g)^1.5, kexp_g = 4 pi^2 / w_g and
     w_g = max(b_g + B, MIN_GAUSSIAN_WIDTH) (Fourier transform of a Gaussian; IT Vol. C as in the module docstring).
     """
-    elements = [_normalise_element(e) for e in np.asarray(elements).astype(str)]
+    elements = [normalise_element(e) for e in np.asarray(elements).astype(str)]
     b_iso = np.broadcast_to(np.asarray(b_iso, dtype=np.float64), (len(elements),))
     if not np.all(np.isfinite(b_iso)):
         raise ValueError("B-factors must be finite")
@@ -174,7 +148,8 @@ class DensityKernel:
     """Density of weighted atoms on one fixed orthogonal grid: ``kernel(coords [E, N, 3], weights [E] | [E, N])``.
 
     Built from ``elements [N]``, the grid (``shape``, ``origin`` [3] A, ``spacing`` scalar or [3] A), the total
-    isotropic ``b_iso`` per atom (scalar or [N], A^2: B-factor plus any resolution blur), ``kind`` and ``cutoff``.
+    isotropic ``b_iso`` per atom (scalar, [N], or [K, N] for exactly K members, A^2: B-factor plus any resolution
+    blur), ``kind`` and ``cutoff``.
     A weight is member weight x occupancy; ``at(coords, weights, voxel_index(...))`` gives selected voxels only.
 
     Each atom adds rho_atom(|X - x|) (see ``_gaussian_tables``) to the voxels X near it, never to the whole box:
@@ -221,7 +196,15 @@ class DensityKernel:
             raise ValueError(f"bad grid: shape {self.shape}, spacing {self.spacing}")
         self.kind = kind
         self.n_atoms = len(elements)
-        amp, kexp = _gaussian_tables(elements, b_iso, kind)
+        b_arr = np.asarray(b_iso, dtype=np.float64)
+        # b_iso [K, N]: one table per member (the K conformers of a structure at their own B); calls then need E = K
+        self.members = int(b_arr.shape[0]) if b_arr.ndim == 2 else None
+        if self.members is not None:
+            if b_arr.shape[1] != self.n_atoms:
+                raise ValueError(f"b_iso must be a scalar, [{self.n_atoms}] or [K, {self.n_atoms}], got {b_arr.shape}")
+            amp, kexp = _gaussian_tables(np.tile(np.asarray(elements), self.members), b_arr.reshape(-1), kind)
+        else:
+            amp, kexp = _gaussian_tables(elements, b_arr, kind)
         self.radius = _cutoff_radius(amp, kexp, cutoff)  # A
 
         # the atom is within half a voxel of its window centre along each axis
@@ -254,7 +237,7 @@ class DensityKernel:
         upper = np.array(shape, dtype=np.float32) - 1
         stride_x, stride_y = int(padded[1] * padded[2]), int(padded[2])
         row_offsets, row_xy, row_z = self._row_offsets, self._row_xy, self._row_z
-        amp0, kexp0, n_atoms, n_gauss = self._amp, self._kexp, self.n_atoms, self._amp.shape[1]
+        amp0, kexp0, n_tables, n_gauss = self._amp, self._kexp, len(self._amp), self._amp.shape[1]
         chunk_target = max(1, self.CHUNK_VOXELS // self.voxels_per_atom)
         scatter_dims = jax.lax.ScatterDimensionNumbers(
             update_window_dims=(1,), inserted_window_dims=(), scatter_dims_to_operand_dims=(0,)
@@ -277,8 +260,8 @@ class DensityKernel:
             n_chunks = -(-n_total // chunk)
             pad = n_chunks * chunk - n_total
             # per-atom tables of the E members (traced ops on the [N, G] constants, not E*N-sized literals)
-            amp = jnp.tile(jnp.asarray(amp0), (n_total // n_atoms, 1))
-            kexp = jnp.tile(jnp.asarray(kexp0), (n_total // n_atoms, 1))
+            amp = jnp.tile(jnp.asarray(amp0), (n_total // n_tables, 1))
+            kexp = jnp.tile(jnp.asarray(kexp0), (n_total // n_tables, 1))
             if pad:
                 x = jnp.concatenate([x, jnp.broadcast_to(jnp.asarray(origin), (pad, 3))])
                 w = jnp.concatenate([w, jnp.zeros(pad, w.dtype)])
@@ -362,6 +345,8 @@ class DensityKernel:
         e, n = coords.shape[0], coords.shape[1]
         if n != self.n_atoms or coords.shape[2] != 3:
             raise ValueError(f"coords must be [E, {self.n_atoms}, 3], got {tuple(coords.shape)}")
+        if self.members is not None and e != self.members:
+            raise ValueError(f"this kernel has B-factors for {self.members} members, got {e}")
         weights = jnp.asarray(weights, dtype=jnp.float32)
         if weights.ndim <= 1:
             weights = jnp.broadcast_to(jnp.reshape(weights, (-1, 1)), (e, n))
@@ -396,11 +381,14 @@ class DensityMap:
     """A map on an orthogonal box grid: ``values [nx, ny, nz]`` float32 (index order x, y, z).
 
     Voxel (i, j, k) sits at ``origin + (i, j, k) * spacing``; ``origin`` and ``spacing`` are float64 ``[3]``, in A.
+    ``resolution`` (A) is the map's resolution where known (synthetic maps record theirs; ``write_ccp4`` keeps it in
+    a header label).
     """
 
     values: np.ndarray
     origin: np.ndarray
     spacing: np.ndarray
+    resolution: float | None = None
 
     def __post_init__(self):
         values = np.ascontiguousarray(self.values, dtype=np.float32)
@@ -558,6 +546,51 @@ def _mtz_column_pair(mtz: gemmi.Mtz, mtz_columns: str, path: Path) -> tuple[str,
     return pair[0], pair[1]
 
 
+@dataclass(frozen=True)
+class MapInfo:
+    """What a map file says about itself: ``resolution`` (A; MTZ d_min, or a CCP4/MRC header label), ``crystal``
+    (cell and space group of an MTZ or of a crystallographic CCP4 map, None for EM/P1 boxes) and where the resolution
+    came from (``resolution_source``)."""
+
+    resolution: float | None
+    crystal: Crystal | None
+    resolution_source: str
+
+
+def map_info(path: str | Path) -> MapInfo:
+    """Resolution and crystal of a map file (see ``MapInfo``); ``MapError`` when unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise MapError(f"map file not found: {path}")
+    name = path.name.lower().removesuffix(".gz")
+    if name.endswith(".mtz"):
+        try:
+            mtz = gemmi.read_mtz_file(str(path))
+        except Exception as exc:
+            raise MapError(f"cannot read MTZ file {path}: {exc}") from None
+        crystal = Crystal(tuple(mtz.cell.parameters), mtz.spacegroup.xhm()) if mtz.spacegroup is not None else None
+        return MapInfo(float(mtz.resolution_high()), crystal, "the MTZ's high-resolution limit")
+    try:
+        ccp4 = gemmi.read_ccp4_map(str(path))
+    except Exception as exc:
+        raise MapError(f"cannot read CCP4/MRC map {path}: {exc}") from None
+    n_labels = max(0, min(10, ccp4.header_i32(56)))
+    resolution, source = None, "none in the header"
+    for k in range(n_labels):
+        text = ccp4.header_str(57 + 20 * k, 80)
+        hit = _RESOLUTION_RE.search(text)
+        if hit:
+            resolution, source = float(hit.group(1)), f"header label {k + 1}: {text.strip()!r}"
+            break
+    crystal = None
+    ispg = ccp4.header_i32(23)
+    if ispg > 1:
+        sg = gemmi.find_spacegroup_by_number(ispg)
+        if sg is not None:
+            crystal = Crystal(tuple(ccp4.grid.unit_cell.parameters), sg.xhm())
+    return MapInfo(resolution, crystal, source)
+
+
 def read_map(
     path: str | Path,
     *,
@@ -622,6 +655,9 @@ def write_ccp4(path: str | Path, density_map: DensityMap) -> Path:
         gemmi.SpaceGroup("P 1"),
     )
     ccp4.update_ccp4_header(2, True)
+    if m.resolution is not None:  # label 1 (header words 57-76) and NLABL (word 56)
+        ccp4.set_header_i32(56, 1)
+        ccp4.set_header_str(57, f"{RESOLUTION_LABEL} {m.resolution:.4f} A".ljust(80))
     start = m.origin / m.spacing
     if np.allclose(start, np.round(start), rtol=0, atol=1e-4):
         for word, s in zip((5, 6, 7), np.round(start).astype(int)):
@@ -678,7 +714,7 @@ def synthetic_map(
             raise ValueError(f"noise_snr must be > 0, got {noise_snr}")
         rng = np.random.default_rng(seed)
         values = values + rng.normal(0.0, values.std() / noise_snr, size=values.shape).astype(np.float32)
-    return DensityMap(values=values, origin=origin, spacing=step)
+    return DensityMap(values=values, origin=origin, spacing=step, resolution=float(resolution))
 
 
 def _crop(density_map: DensityMap, points: np.ndarray, padding: float) -> DensityMap:
@@ -723,8 +759,17 @@ class DensityObservable:
 
     Built once from the atoms (``atoms.coords`` [K, N, 3], the reference conformers, are required: they fix the box
     and the mask) and a map (a CCP4/MRC/MTZ path or an in-memory ``DensityMap``).  The model map is this module's
-    kernel with B = ``b_factor`` + ``blur`` on every atom (``blur`` defaults to ``resolution_blur(resolution)`` =
-    4 d^2 A^2), the ensemble members added with their weights.
+    kernel with B = B_atom + ``blur`` on every atom (``blur`` defaults to ``resolution_blur(resolution)`` = 4 d^2 A^2),
+    the ensemble members added with their weights x occupancies, plus the fixed atoms of ``atoms.environment``
+    (waters, ligands) inside the box.
+
+    Defaults come from the data and the structure, as for a crystallographer's map-model correlation:
+    - ``resolution`` None: the map's own (an in-memory map's ``resolution``, an MTZ's d_min, or a CCP4/MRC header
+      label); a map that does not say needs ``resolution`` given.
+    - ``b_factor`` None: the structure's per-atom B (``atoms.b_iso``; [K, N] per conformer in score mode), else 20;
+      a number overrides every atom's B.  Occupancies: ``atoms.occupancy`` ([N], or [K, N] per conformer).
+    - An MTZ (or crystallographic CCP4 map) whose cell or space group differ from the structure's is refused unless
+      ``allow_other_crystal``; a report whose RSCC is near zero carries a ``warning``.
 
     Likelihood (Gaussian noise on the map voxels inside the fixed mask):
         logL = -1/2 * (n_ind / n_mask) * sum_mask (rho_obs - (a rho_model + b))^2 / s^2
@@ -738,24 +783,25 @@ class DensityObservable:
       (d/2)^3 A^3 (Nyquist), so n_ind = mask volume / (d/2)^3, capped at n_mask.
     Hence logL = -(n_ind / (2 sigma^2)) (1 - max(CC, 0)^2): finite everywhere, 0 at a perfect fit.
 
-    Parameters: ``resolution`` (A) of the map, for the blur and n_ind; ``kind`` "xray" (IT92, e/A^3) or "em" (electron
-    scattering factors, ~ Coulomb potential); ``b_factor`` (A^2) on every atom; ``mask_radius`` (A) around every
-    reference atom; ``mtz_columns`` "auto" or "F,PHI"; ``spacing`` (A) of the box grid for map files (None: the
-    map's own; an in-memory ``DensityMap`` always keeps its grid); ``sigma`` relative noise (above); ``padding`` (A)
-    of the box around the reference atoms; ``blur`` (A^2, None: ``resolution_blur``); ``cutoff`` of the kernel.
+    Parameters: ``kind`` "xray" (IT92, e/A^3) or "em" (electron scattering factors, ~ Coulomb potential);
+    ``mask_radius`` (A) around every reference atom; ``mtz_columns`` "auto" or "F,PHI"; ``spacing`` (A) of the box
+    grid for map files (None: the map's own; an in-memory ``DensityMap`` always keeps its grid); ``sigma`` relative
+    noise (above); ``padding`` (A) of the box around the reference atoms; ``blur`` (A^2, None: ``resolution_blur``);
+    ``cutoff`` of the kernel; ``environment`` False leaves the fixed atoms out.
     Attributes: ``grid`` (the experimental map on the box, a ``DensityMap``), ``mask`` (bool [nx, ny, nz]),
-    ``kernel`` (the ``DensityKernel``), ``n_mask`` and ``n_independent``.
+    ``kernel`` (the ``DensityKernel``), ``n_mask``, ``n_independent``, ``resolution_source`` and ``notes``.
     """
 
     name = "density"
+    NEAR_ZERO_CC = 0.2  # a report below this RSCC warns that model and map may not belong together
 
     def __init__(
         self,
         atoms: AtomInfo,
         map: str | Path | DensityMap | None = None,
-        resolution: float = 2.0,
+        resolution: float | None = None,
         kind: str = "xray",
-        b_factor: float = 20.0,
+        b_factor: float | None = None,
         mask_radius: float = 2.0,
         mtz_columns: str = "auto",
         spacing: float | None = None,
@@ -763,6 +809,8 @@ class DensityObservable:
         padding: float = 5.0,
         blur: float | None = None,
         cutoff: float = 1e-3,
+        allow_other_crystal: bool = False,
+        environment: bool = True,
     ):
         if map is None:
             raise MapError(
@@ -775,9 +823,31 @@ class DensityObservable:
             )
         if kind not in KINDS:
             raise ValueError(f"unknown density kind {kind!r}; use one of {KINDS}")
+        self.notes: list[str] = []
+        if isinstance(map, DensityMap):
+            info = MapInfo(map.resolution, None, "the in-memory map" if map.resolution is not None else "none")
+        else:
+            info = map_info(map)
+        if resolution is None:
+            if info.resolution is None:
+                where = "the in-memory map" if isinstance(map, DensityMap) else str(map)
+                raise MapError(f"{where} does not say its resolution; give it with observables.density.resolution=<A>")
+            resolution = info.resolution
+            self.resolution_source = info.resolution_source
+        else:
+            self.resolution_source = "given"
         for label, value in (("resolution", resolution), ("sigma", sigma), ("mask_radius", mask_radius)):
             if not value > 0:
                 raise ValueError(f"{label} must be > 0, got {value}")
+        if info.crystal is not None and atoms.crystal is not None:
+            why = info.crystal.mismatch(atoms.crystal)
+            if why is not None:
+                message = (f"the structure is from another crystal than the map: structure {atoms.crystal.describe()}, "
+                           f"map {info.crystal.describe()} ({why}); set observables.density.allow_other_crystal=true "
+                           "to use it anyway")
+                if not allow_other_crystal:
+                    raise MapError(message)
+                self.notes.append(message.split(";")[0] + " (allowed)")
         reference = np.asarray(atoms.coords, dtype=np.float64)
         if reference.ndim == 2:
             reference = reference[None]
@@ -788,7 +858,7 @@ class DensityObservable:
             raise ValueError("AtomInfo.coords contains non-finite values")
         for i, element in enumerate(atoms.element):
             try:
-                form_factor_coefficients(_normalise_element(element), kind)
+                form_factor_coefficients(normalise_element(element), kind)
             except ValueError as exc:
                 raise ValueError(
                     f"atom {atoms.atom_name[i]} of {atoms.res_name[i]} {atoms.chain_id[i]}{atoms.res_seq[i]}: {exc}"
@@ -816,18 +886,48 @@ class DensityObservable:
 
         self.resolution = float(resolution)
         self.kind = kind
-        self.b_factor = float(b_factor)
-        self.blur = resolution_blur(resolution) if blur is None else float(blur)
+        self.blur = resolution_blur(self.resolution) if blur is None else float(blur)
+        if b_factor is not None:
+            b_atoms = np.full(len(atoms), float(b_factor))
+            self.b_source = f"b_factor={float(b_factor):g} on every atom"
+        elif atoms.b_iso is not None:
+            b_atoms = np.asarray(atoms.b_iso, dtype=np.float64)
+            self.b_source = "the structure's per-atom B"
+        else:
+            b_atoms = np.full(len(atoms), 20.0)
+            self.b_source = "20 A^2 on every atom (the structure gives none)"
+        self.b_factor = b_atoms
         self.sigma = float(sigma)
         self.kernel = DensityKernel(
-            atoms.element, grid.shape, grid.origin, grid.spacing, self.b_factor + self.blur, kind=kind, cutoff=cutoff
+            atoms.element, grid.shape, grid.origin, grid.spacing, b_atoms + self.blur, kind=kind, cutoff=cutoff
         )
+        occupancy = (np.ones(len(atoms), np.float32) if atoms.occupancy is None
+                     else np.asarray(atoms.occupancy, np.float32))
+        self.occupancy = occupancy
         voxel_volume = float(np.prod(grid.spacing))
         self.n_mask = n_mask
         self.n_independent = min(float(n_mask), n_mask * voxel_volume / (self.resolution / 2.0) ** 3)
 
+        # fixed atoms (waters, ligands) whose density reaches into the box: a constant part of the model map
+        env = atoms.environment if environment else None
+        env_box = np.zeros(grid.shape, np.float32)
+        self.n_environment = 0
+        if env is not None and len(env):
+            reach = self.kernel.radius
+            near = np.all((env.xyz >= grid.origin - reach) & (env.xyz <= grid.upper + reach), axis=1)
+            if near.any():
+                b_env = np.asarray(env.b_iso, np.float64)[near] if b_factor is None else np.full(near.sum(), b_factor)
+                env_kernel = DensityKernel(np.asarray(env.element)[near], grid.shape, grid.origin, grid.spacing,
+                                           b_env + self.blur, kind=kind, cutoff=cutoff)
+                env_box = np.asarray(jax.jit(env_kernel)(np.asarray(env.xyz, np.float32)[near][None],
+                                                         np.asarray(env.occupancy, np.float32)[near][None]))
+                self.n_environment = int(near.sum())
+        self.environment_map = env_box
+
         mask_voxels = np.argwhere(self.mask)
         mask_index = self.kernel.voxel_index(mask_voxels)  # positions of the mask voxels in the kernel's flat grid
+        env_mask = jnp.asarray(env_box[self.mask])
+        env_flat = jnp.asarray(env_box.reshape(-1))
         obs_mean = float(observed.mean())
         obs_centered = (observed - obs_mean).astype(np.float32)
         obs_var = float(observed.var())
@@ -835,9 +935,14 @@ class DensityObservable:
         box_centered = (box - box.mean()).astype(np.float32)
         box_var = float(box.var())
         kernel = self.kernel
+        occ = jnp.asarray(occupancy)
         # model-variance floor ((e/A^3)^2) that keeps CC finite for a model with no density in the mask
         var_floor = 1e-20
         prefactor = self.n_independent / (2.0 * self.sigma**2)
+
+        def atom_weights(coords, weights):
+            w = jnp.asarray(weights, jnp.float32).reshape(-1)
+            return w[:, None] * (occ if occ.ndim == 2 else occ[None, :])
 
         def correlation(model, centered, var_obs):
             m = model - jnp.mean(model)
@@ -846,14 +951,14 @@ class DensityObservable:
             return cov / jnp.sqrt(var_obs * (var_m + var_floor)), cov, var_m
 
         def log_likelihood(coords, weights):
-            rho = kernel.at(coords, weights, mask_index)
+            rho = kernel.at(coords, atom_weights(coords, weights), mask_index) + env_mask
             cc, _, _ = correlation(rho, obs_centered, obs_var)
             return -prefactor * (1.0 - jnp.square(jnp.maximum(cc, 0.0)))
 
         def statistics(coords, weights):
-            rho_box = kernel(coords, weights)
-            rho = rho_box[mask_voxels[:, 0], mask_voxels[:, 1], mask_voxels[:, 2]]
-            rho_box = rho_box.reshape(-1)
+            rho_box = kernel(coords, atom_weights(coords, weights))
+            rho = rho_box[mask_voxels[:, 0], mask_voxels[:, 1], mask_voxels[:, 2]] + env_mask
+            rho_box = rho_box.reshape(-1) + env_flat
             cc, cov, var_m = correlation(rho, obs_centered, obs_var)
             cc_box, _, _ = correlation(rho_box, box_centered, box_var)
             scale = jnp.maximum(cov, 0.0) / (var_m + var_floor)
@@ -865,15 +970,21 @@ class DensityObservable:
                 "log_likelihood": -prefactor * (1.0 - jnp.square(jnp.maximum(cc, 0.0))),
             }
 
-        def member_predictions(coords):  # [E, M]: each member's density at the mask voxels
-            one = jnp.ones((1,), coords.dtype)
-            return jax.lax.map(lambda c: kernel.at(c[None], one, mask_index), coords)
+        if kernel.members is None:
+            def member_predictions(coords):  # [E, M]: each member's density at the mask voxels
+                one = jnp.ones((1,), coords.dtype)
+                return jax.lax.map(lambda c: kernel.at(c[None], atom_weights(c[None], one), mask_index), coords)
+        else:  # per-member B tables: every member through the whole kernel, the others at weight 0
+            def member_predictions(coords):
+                eye = jnp.eye(coords.shape[0], dtype=jnp.float32)
+                return jax.lax.map(lambda onehot: kernel.at(coords, atom_weights(coords, onehot), mask_index), eye)
 
         def log_likelihood_from_predictions(predictions, weights):
-            cc, _, _ = correlation(weights @ predictions, obs_centered, obs_var)
+            cc, _, _ = correlation(weights @ predictions + env_mask, obs_centered, obs_var)
             return -prefactor * (1.0 - jnp.square(jnp.maximum(cc, 0.0)))
 
-        self._predict = jax.jit(lambda coords, weights: kernel(coords, weights))
+        self._predict = jax.jit(lambda coords, weights: kernel(coords, atom_weights(coords, weights))
+                                + env_flat.reshape(grid.shape))
         self._log_likelihood = jax.jit(log_likelihood)
         self._statistics = jax.jit(statistics)
         self._member_predictions = jax.jit(member_predictions)
@@ -896,6 +1007,15 @@ class DensityObservable:
         """``log_likelihood`` from ``member_predictions``: equal to ``log_likelihood(coords, weights)``."""
         return self._log_likelihood_from_predictions(predictions, weights)
 
-    def report(self, coords, weights) -> dict[str, float]:
-        """RSCC (CC in the mask), CC over the whole box, fitted scale and offset, and the log-likelihood."""
-        return {k: float(v) for k, v in self._statistics(coords, weights).items()}
+    def report(self, coords, weights) -> dict:
+        """RSCC (CC in the mask), CC over the whole box, fitted scale and offset, the log-likelihood, and what the
+        model map was made with (resolution and its source, B); a ``warning`` when the RSCC is near zero."""
+        out: dict = {k: float(v) for k, v in self._statistics(coords, weights).items()}
+        out.update(resolution=self.resolution, resolution_source=self.resolution_source, b_factors=self.b_source,
+                   environment_atoms=self.n_environment)
+        if self.notes:
+            out["notes"] = list(self.notes)
+        if not out["rscc"] > self.NEAR_ZERO_CC:
+            out["warning"] = (f"the model-map correlation in the mask is {out['rscc']:.3f}, near zero: is the structure "
+                              "in this map's frame (same crystal, same origin)?")
+        return out

@@ -61,7 +61,6 @@ Conventions: coordinates in A, ``coords [E, N, 3]`` float32 with member weights 
 
 from __future__ import annotations
 
-import functools
 import math
 import re
 import warnings
@@ -75,6 +74,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from observables.base import AtomInfo, register
+from observables.form_factors import it92, normalise_element
 
 __all__ = [
     "EXCLUDED_VOLUME_CONVENTIONS",
@@ -198,36 +198,19 @@ def implicit_hydrogens(res_name: str, atom_name: str) -> int | None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _normalise_element(element: str) -> str:
-    return str(element).strip().capitalize()
-
-
-@functools.cache
-def _it92(element: str) -> tuple[np.ndarray, np.ndarray, float]:
-    """IT92 coefficients (a [4] electrons, b [4] A^2, c electrons) of ``element`` from gemmi."""
-    el = gemmi.Element(element)
-    if not element or el.atomic_number == 0:
-        raise ValueError(f"unknown element {element!r}: no X-ray form factor for it (gemmi does not know it)")
-    coef = el.it92
-    a = np.array(coef.a, dtype=np.float64)
-    if not np.any(a != 0):
-        raise ValueError(f"element {element!r} has no IT92 form factor in gemmi's tables")
-    return a, np.array(coef.b, dtype=np.float64), float(coef.c)
-
-
 def vacuum_form_factor(element: str, q: np.ndarray) -> np.ndarray:
     """f(q) (electrons) of one atom in vacuum: IT92 sum_k a_k exp(-b_k s^2) + c with s = q / (4 pi) (q in 1/A)."""
-    a, b, c = _it92(_normalise_element(element))
+    a, b, c = it92(normalise_element(element))
     s2 = (np.asarray(q, dtype=np.float64) / (4.0 * np.pi)) ** 2
     return c + np.sum(a * np.exp(-b * s2[..., None]), axis=-1)
 
 
 def displaced_volume(element: str) -> float:
     """Displaced volume (A^3) of one atom: FoXS's table, else the van der Waals sphere (4 pi / 3) r_vdW^3."""
-    name = _normalise_element(element)
+    name = normalise_element(element)
     if name.upper() in EXCLUDED_VOLUME:
         return EXCLUDED_VOLUME[name.upper()]
-    _it92(name)  # unknown elements fail here, with the element's name
+    it92(name)  # unknown elements fail here, with the element's name
     radius = gemmi.Element(name).vdw_r
     return 4.0 / 3.0 * np.pi * radius**3
 
@@ -701,7 +684,7 @@ def _atom_groups(atoms: AtomInfo, implicit: str, exclude_waters: bool):
     """Per-atom (element, n_H) groups, the scattering mask and the heavy-atom mask; warns about untabulated residues."""
     if implicit not in ("auto", True, False, "true", "false"):
         raise ValueError(f"implicit_hydrogens must be 'auto', true or false, got {implicit!r}")
-    elements = [_normalise_element(e) for e in atoms.element]
+    elements = [normalise_element(e) for e in atoms.element]
     is_h = np.array([e in ("H", "D") for e in elements])
     use_implicit = (not is_h.any()) if implicit == "auto" else implicit in (True, "true")
     scatters = np.ones(len(atoms), bool)
@@ -711,7 +694,7 @@ def _atom_groups(atoms: AtomInfo, implicit: str, exclude_waters: bool):
     for i, el in enumerate(elements):
         el = "H" if el == "D" else el
         try:
-            _it92(el)
+            it92(el)
         except ValueError as exc:
             raise ValueError(
                 f"atom {atoms.atom_name[i]} of {atoms.res_name[i]} {atoms.chain_id[i]}{atoms.res_seq[i]}: {exc}"

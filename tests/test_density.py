@@ -252,7 +252,8 @@ def test_log_likelihood_ignores_the_maps_absolute_scale_and_offset(peptide):
     """The closed-form scale/offset fit makes logL and RSCC invariant to rho_obs -> 7 rho_obs + 3."""
     atoms, coords, density_map = peptide
     noisy = synthetic_map(atoms, coords[None], [1.0], noise_snr=3.0, seed=11)
-    scaled = DensityMap(values=7.0 * noisy.values + 3.0, origin=noisy.origin, spacing=noisy.spacing)
+    scaled = DensityMap(values=7.0 * noisy.values + 3.0, origin=noisy.origin, spacing=noisy.spacing,
+                        resolution=noisy.resolution)
     x = jnp.asarray(coords[None] + np.random.default_rng(2).normal(0, 0.4, coords.shape).astype(np.float32))
     a = DensityObservable(atoms, map=noisy)
     b = DensityObservable(atoms, map=scaled)
@@ -452,7 +453,9 @@ def test_partial_ccp4_map_must_cover_the_model(tmp_path):
     with pytest.raises(MapError, match="does not cover the model"):
         read_map(path, box_around=coords + 25.0)
     atoms = atom_info(elements, coords)
-    obs = DensityObservable(atoms, map=path, padding=1.0)
+    with pytest.raises(MapError, match="does not say its resolution"):  # a CCP4 map without a resolution label
+        DensityObservable(atoms, map=path, padding=1.0)
+    obs = DensityObservable(atoms, map=path, padding=1.0, resolution=2.0)
     assert obs.grid.shape == inside.shape
 
 
