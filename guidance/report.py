@@ -260,3 +260,25 @@ def plot_weights(before, after, out_path, labels: Sequence[str] | None = None) -
     ax.legend(fontsize="small")
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, out_path)
+
+
+def plot_r_by_resolution(bins: Sequence[Mapping[str, Any]], out_path, title: str = "") -> Path:
+    """R-work and R-free per resolution bin (``bins``: dicts with d_max, d_min, r_work, r_free, n_free as in
+    ``observables.xray`` reports), against 1/d^2 at the bin centres, as crystallographers read refinement logs."""
+    centres = np.array([0.5 * (1.0 / b["d_max"] ** 2 + 1.0 / b["d_min"] ** 2) for b in bins])
+    fig = _new_figure(5.5, 3.5)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot(centres, [b["r_work"] for b in bins], "o-", label="R-work")
+    r_free = np.array([_to_float(b.get("r_free")) for b in bins])
+    if np.isfinite(r_free).any():
+        ax.plot(centres, r_free, "s--", label="R-free")
+    ticks = centres[:: max(1, len(centres) // 6)]
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([f"{1.0 / math.sqrt(c):.2f}" for c in ticks])
+    ax.set_xlabel("resolution (A)")
+    ax.set_ylabel("R")
+    ax.set_ylim(bottom=0)
+    ax.legend(frameon=False)
+    if title:
+        ax.set_title(title)
+    return _save(fig, out_path)

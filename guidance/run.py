@@ -599,7 +599,8 @@ def sample(cfg, conf, demo_data, truth, out_dir: Path) -> dict:
     if cfg.output.particles:
         write_npz(out_dir / "particles.npz", particles=particles, weights=pw)
     if cfg.output.plots:
-        _plots(out_dir / "plots", result.trajectory, objective, members, uniform, mweights, fit is not None)
+        _plots(out_dir / "plots", result.trajectory, objective, members, uniform, mweights, fit is not None,
+               metrics["observables"])
     return metrics
 
 
@@ -647,12 +648,17 @@ def _steer(predictor, x, steps, schedule, gen, p, e, objective, dps, fk, n_steps
     return result
 
 
-def _plots(plots: Path, trajectory, objective, members, uniform, mweights, refined: bool) -> None:
+def _plots(plots: Path, trajectory, objective, members, uniform, mweights, refined: bool, reports: dict) -> None:
     from guidance.report import plot_map_slice, plot_trajectory, plot_weights
 
     plot_trajectory(trajectory, plots / "trajectory.png")
     if refined:
         plot_weights(uniform, mweights, plots / "weights.png")
+    if "xray" in reports:
+        from guidance.report import plot_r_by_resolution
+
+        plot_r_by_resolution(reports["xray"]["bins"], plots / "r_by_resolution.png",
+                             title=f"R-work {reports['xray']['r_work']:.3f}, R-free {reports['xray']['r_free']:.3f}")
     for t in objective.terms:
         if t.name == "density":
             obs = t.observable

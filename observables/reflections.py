@@ -107,29 +107,46 @@ class Reflections:
 def french_wilson(i_obs, sig_i, mean_i, centric, n_points: int = 400) -> tuple[np.ndarray, np.ndarray]:
     """Posterior mean and standard deviation of F = sqrt(J) given I ~ N(J, sig_i^2) and the Wilson prior on J with mean
     ``mean_i`` (epsilon <I> of the shell): acentric p(F) = (2F / S) exp(-F^2 / S), centric
-    p(F) = sqrt(2 / (pi S)) exp(-F^2 / (2 S)) (French & Wilson 1978, eqs. 9-10 written for F), on a grid of
-    ``n_points`` values of F from 0 to sqrt(max(I, 0) + 8 sig_i) (+ a margin).  Arrays [M] -> (F, sigma_F) [M]."""
-    i_obs, sig_i = np.asarray(i_obs, np.float64), np.asarray(sig_i, np.float64)
-    s = np.maximum(np.asarray(mean_i, np.float64), 1e-12)
-    centric = np.asarray(centric, bool)
-    f_top = np.sqrt(np.maximum(i_obs, 0.0) + 8.0 * sig_i) + 1e-6
+    p(F) = sqrt(2 / (pi S)) exp(-F^2 / (2 S)) (French & Wilson 1978, eqs. 9-10 written for F), integrated by the
+    trapezoid rule on ``n_points`` values of F spanning where the posterior is not negligible.  Arrays [M] ->
+    (F, sigma_F) [M].
+
+    The posterior on J is (up to the centric J^(-1/2)) a normal of mean J* = I - k sig_i^2 (k = 1/S acentric,
+    1/(2S) centric) and width sig_i, cut at J = 0; the grid covers the J where its log falls by less than ``_FW_SPAN``
+    from the top: J* -+ sqrt(2 span) sig_i when J* > 0, else [0, J* + sqrt(J*^2 + 2 span sig_i^2)].  A fixed grid
+    from 0 to sqrt(I + 8 sig_i) would leave a strong reflection's posterior (width sig_i / 2F in F) between two grid
+    points (sigma_F = 0 at I / sig_i = 1e4), and equal weights miscount the endpoint F = 0 where a centric
+    posterior is largest."""
+    i_obs, sig_i = np.atleast_1d(np.asarray(i_obs, np.float64)), np.atleast_1d(np.asarray(sig_i, np.float64))
+    s = np.broadcast_to(np.maximum(np.asarray(mean_i, np.float64), 1e-12), i_obs.shape)
+    centric = np.broadcast_to(np.asarray(centric, bool), i_obs.shape)
+    k = np.where(centric, 0.5, 1.0) / s
+    j_star = i_obs - k * sig_i**2
+    half = np.sqrt(2.0 * _FW_SPAN) * sig_i
+    j_lo = np.maximum(j_star - half, 0.0)
+    j_hi = np.where(j_star > 0, j_star + half, j_star + np.sqrt(j_star**2 + (2.0 * _FW_SPAN) * sig_i**2))
+    f_lo, f_hi = np.sqrt(j_lo), np.sqrt(np.maximum(j_hi, j_lo + 1e-300))
+    w = np.ones(n_points)
+    w[0] = w[-1] = 0.5  # trapezoid weights (the common step cancels in the ratios)
     out_f, out_s = np.empty_like(i_obs), np.empty_like(i_obs)
     for lo in range(0, len(i_obs), 20_000):
         sl = slice(lo, lo + 20_000)
-        x = np.linspace(0.0, 1.0, n_points)[None, :] * f_top[sl, None]  # [m, P]
+        x = f_lo[sl, None] + np.linspace(0.0, 1.0, n_points)[None, :] * (f_hi[sl] - f_lo[sl])[:, None]  # [m, P]
         j = x * x
         log_like = -0.5 * ((i_obs[sl, None] - j) / sig_i[sl, None]) ** 2
         with np.errstate(divide="ignore"):
-            log_prior = np.where(centric[sl, None], -j / (2.0 * s[sl, None]),
-                                 np.log(x) - j / s[sl, None])
+            log_prior = np.where(centric[sl, None], -j / (2.0 * s[sl, None]), np.log(x) - j / s[sl, None])
         lp = log_like + log_prior
         lp -= lp.max(axis=1, keepdims=True)
-        p = np.exp(lp)
+        p = np.exp(lp) * w
         z = p.sum(1)
         mean = (p * x).sum(1) / z
         out_f[sl] = mean
-        out_s[sl] = np.sqrt(np.maximum((p * j).sum(1) / z - mean**2, 0.0))
+        out_s[sl] = np.sqrt(np.maximum((p * (x - mean[:, None]) ** 2).sum(1) / z, 0.0))
     return out_f, out_s
+
+
+_FW_SPAN = 40.0  # how far (in log posterior) below its top the French & Wilson grid reaches: exp(-40) ~ 4e-18
 
 
 def _shell_mean(values, d2inv, epsilon, n_shells: int = 20) -> np.ndarray:
@@ -242,8 +259,11 @@ def _generated_free(hkl: np.ndarray, fraction: float, seed: int) -> np.ndarray:
 
 def _hash01(keys: np.ndarray, seed: int) -> np.ndarray:
     """A uniform number in [0, 1) for every integer key (splitmix64 of key + seed)."""
-    z = (keys.astype(np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)) & np.uint64(0xFFFFFFFFFFFFFFFF)
+    # the seed's offset in Python integers, modulo 2^64: np.uint64(seed) * constant warns of overflow for seed >= 2
+    # and a negative seed does not convert at all
+    offset = np.uint64((int(seed) * 0x9E3779B97F4A7C15) % 2**64)
     with np.errstate(over="ignore"):
+        z = keys.astype(np.int64).view(np.uint64) + offset
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         z = z ^ (z >> np.uint64(31))
@@ -390,7 +410,10 @@ def read_reflections(
             d2 = cell.calculate_1_d2_array(sub.astype(np.float64))
             eps = np.asarray(ops.epsilon_factor_array(sub.astype(np.int32)), dtype=np.float64)
             centric = np.asarray(ops.centric_flag_array(sub.astype(np.int32)), bool)
-            mean = _shell_mean(np.where(keep, i_obs, 0.0), d2, eps)
+            # the Wilson mean of each shell from the intensities that are kept (a dropped one is not a zero)
+            mean = np.ones(len(i_obs))
+            if keep.any():
+                mean[keep] = _shell_mean(i_obs[keep], d2[keep], eps[keep])
             f, sig = french_wilson(i_obs, np.where(sig_i > 0, sig_i, 1.0), mean, centric)
             rule = "French & Wilson (1978) posterior F with a Wilson prior per resolution shell"
         notes.append(f"amplitudes from intensities {labels[0]}/{labels[1]}: {rule}")

@@ -406,7 +406,6 @@ class XrayObservable:
         self.f_fixed = self._fixed_f(atoms.environment, rate)
 
         f_obs = jnp.asarray(refl.f_obs, jnp.float32)
-        sigma = jnp.asarray(refl.sigma, jnp.float32)
         work = jnp.asarray(self.work)
         centric = jnp.asarray(self.centric)
         n_work = float(self.work.sum())
@@ -414,7 +413,6 @@ class XrayObservable:
         b_arg = jnp.asarray(b_iso)
         u_arg = None if u_aniso is None else jnp.asarray(u_aniso)
         occ_arg = jnp.asarray(occupancy)
-        del sigma
 
         def f_calc(coords, weights):
             coords = jnp.asarray(coords, jnp.float32)
@@ -447,7 +445,10 @@ class XrayObservable:
         self._target = target_value
         self._f_model_abs = jax.jit(f_model_abs)
         self._ll = jax.jit(lambda state, coords, weights: target_value(state, f_calc(coords, weights)))
-        self._ll_pred = jax.jit(lambda state, preds, weights: target_value(state, jnp.tensordot(weights, preds, 1)))
+        def weighted(preds, weights):  # real and imaginary parts apart: the weights' gradient stays real
+            return jax.lax.complex(weights @ jnp.real(preds), weights @ jnp.imag(preds))
+
+        self._ll_pred = jax.jit(lambda state, preds, weights: target_value(state, weighted(preds, weights)))
         self._member = jax.jit(lambda coords: jax.lax.map(
             lambda c: f_calc(c[None], jnp.ones((1,), jnp.float32)), coords))
         self.n_work = int(n_work)
@@ -574,11 +575,19 @@ class XrayObservable:
         free_ml = float(np.sum(np.where(~work, np.asarray(
             _ml_terms(jnp.asarray(fo, jnp.float32), jnp.asarray(fm, jnp.float32), state.ml_d, state.ml_var,
                       jnp.asarray(self.centric))), 0.0)))
+        d = 1.0 / np.sqrt(4.0 * self.stol2)
+        bins = []
+        for b in range(int(self.bins.max()) + 1):
+            sel = self.bins == b
+            w_b, f_b = sel & work, sel & ~work
+            bins.append({"d_max": float(d[sel].max()), "d_min": float(d[sel].min()), "n_work": int(w_b.sum()),
+                         "n_free": int(f_b.sum()), "r_work": r_factor(fo[w_b], fm[w_b]),
+                         "r_free": r_factor(fo[f_b], fm[f_b]) if f_b.any() else None})
         return {
             "r_work": r_factor(fo[work], fm[work], scale=True), "r_free": r_factor(fo[~work], fm[~work], scale=True),
             "r_free_work_scale": r_factor(fo[~work], fm[~work]),
             "n_work": int(work.sum()), "n_free": int((~work).sum()), "d_min": self.d_min,
             "d_max": self.reflections.d_max, **fit, "target": self.target, "target_work": value,
             "ml_free": free_ml, "free_rule": self.reflections.free_rule, "columns": self.reflections.columns,
-            "log_likelihood": value, "notes": self.notes,
+            "log_likelihood": value, "bins": bins, "notes": self.notes,
         }

@@ -503,3 +503,89 @@ def test_member_predictions_give_the_same_likelihood_as_the_coordinates():
         direct = float(obs.log_likelihood(jnp.asarray(members), w))
         fast = float(obs.log_likelihood_from_predictions(preds, w))
         assert fast == pytest.approx(direct, rel=1e-4, abs=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# real maps scored with the data's own resolution and the structure's B-factors
+
+
+def _score(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "guidance.run", "mode=score", *args], capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_score_mode_rscc_on_a_real_map_equals_gemmi_with_the_datas_resolution(shared_data, tmp_path):
+    """Score mode with default settings on 1dur's 2mFo-DFc coefficients (FWT/PHWT) uses the MTZ's d_min and the
+    model's own per-atom B (waters included as fixed atoms), and its RSCC equals an independent gemmi computation
+    within 0.01: DensityCalculatorX with every atom's B, blurred by this project's resolution convention (4 d^2,
+    observables.density.resolution_blur) at the data's d_min, correlated with the same map in the same mask."""
+    import json
+
+    from observables.density import _sphere_mask
+
+    pdb, mtz = shared_data("xray/1dur/1dur.pdb"), shared_data("xray/1dur/1dur.mtz")
+    proc = _score(f"structure={pdb}", f"observables.density.map={mtz}", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rep = json.loads((tmp_path / "metrics.json").read_text())["observables"]["density"]
+    d_min = gemmi.read_mtz_file(str(mtz)).resolution_high()
+    assert rep["resolution"] == pytest.approx(d_min) and "MTZ" in rep["resolution_source"]
+    assert rep["b_factors"] == "the structure's per-atom B" and rep["environment_atoms"] == 93
+
+    st = gemmi.read_structure(str(pdb))
+    st.setup_entities()
+    st.remove_hydrogens()
+    protein = np.array([a.pos.tolist() for ch in st[0] for r in ch if not r.is_water() for a in r])
+    dmap = read_map(mtz, box_around=protein, padding=5.0)
+    mask = _sphere_mask(dmap, protein, 2.0)
+    points = np.stack(np.meshgrid(*dmap.axis_positions(), indexing="ij"), -1)[mask]
+    dc = gemmi.DensityCalculatorX()
+    dc.d_min = d_min
+    dc.rate = 2.0
+    dc.blur = resolution_blur(d_min)
+    dc.set_grid_cell_and_spacegroup(st)
+    dc.put_model_density_on_grid(st[0])
+    model = np.array([dc.grid.interpolate_value(gemmi.Position(*p)) for p in points])
+    gemmi_rscc = float(np.corrcoef(dmap.values[mask], model)[0, 1])
+    print(f"RSCC: ensemble-guide {rep['rscc']:.4f}, gemmi {gemmi_rscc:.4f}")
+    assert abs(rep["rscc"] - gemmi_rscc) < 0.01
+
+
+def test_map_from_another_crystal_is_refused_and_a_misplaced_model_warns(shared_data, tmp_path):
+    """An MTZ whose cell and space group differ from the structure's is refused in one line naming both; a model in
+    the right crystal but not where the map is gets RSCC near zero and a warning in metrics.json."""
+    import json
+
+    pdb, mtz = shared_data("xray/5e5z/5e5z.pdb"), shared_data("xray/1dur/1dur.mtz")
+    proc = _score(f"structure={pdb}", f"observables.density.map={mtz}", f"hydra.run.dir={tmp_path / 'other'}")
+    assert proc.returncode == 1
+    line = [ln for ln in proc.stderr.splitlines() if "another crystal" in ln]
+    assert line and "P 21 21 21" in line[0] and "P 1 21 1" in line[0] and "allow_other_crystal" in line[0]
+
+    st = gemmi.read_structure(str(shared_data("xray/1dur/1dur.pdb")))
+    for ch in st[0]:
+        for r in ch:
+            for a in r:
+                a.pos = gemmi.Position(a.pos.x + 7.0, a.pos.y - 9.0, a.pos.z + 5.0)
+    moved = tmp_path / "moved.pdb"
+    st.write_pdb(str(moved))
+    proc = _score(f"structure={moved}", f"observables.density.map={shared_data('xray/1dur/1dur.mtz')}",
+                  f"hydra.run.dir={tmp_path / 'moved'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rep = json.loads((tmp_path / "moved" / "metrics.json").read_text())["observables"]["density"]
+    assert rep["rscc"] < 0.2 and "near zero" in rep["warning"]
+    assert "near zero" in (tmp_path / "moved" / "run.log").read_text()
+
+
+def test_a_maps_resolution_is_read_back_from_its_header(tmp_path):
+    """A map written with its resolution keeps it in a CCP4 header label that map_info reads back; a map without one
+    needs the resolution given (one-line MapError)."""
+    from observables.density import map_info
+
+    m = DensityMap(np.random.default_rng(0).random((10, 12, 14), dtype=np.float32), np.zeros(3), 0.5, resolution=1.7)
+    info = map_info(write_ccp4(tmp_path / "with.ccp4", m))
+    assert info.resolution == pytest.approx(1.7) and "label" in info.resolution_source
+    bare = write_ccp4(tmp_path / "bare.ccp4", DensityMap(m.values, m.origin, m.spacing))
+    assert map_info(bare).resolution is None
