@@ -3,19 +3,30 @@ PDB entries, and at what cost in geometry?
 
     ensemble-bench manifest=benchmarks/altloc_small.csv out_dir=bench/run1            # the grid in configs/bench.yaml
     ensemble-bench manifest=... grid.guidance=[none,dps,fk] grid.strength=[0.5,1,2] hydra/launcher=joblib
+    ensemble-bench manifest=... "grid.observables=[density,xray,density+xray]"      # guided by amplitudes too
 
-One *job* is one cell of the grid  entry x predictor x guidance x ensemble size x strength x occupancy x potentials x
-seed.  Jobs are independent Hydra multirun jobs (``job.*`` keys), so Hydra's launchers scale them out:
+One *job* is one cell of the grid  entry x predictor x guidance x observables x ensemble size x strength x occupancy x
+potentials x seed.  Jobs are independent Hydra multirun jobs (``job.*`` keys), so Hydra's launchers scale them out:
 ``hydra/launcher=joblib`` runs them in parallel on this machine, ``hydra/launcher=submitit_slurm`` on a cluster.  The
 ``ensemble-bench`` command expands the manifest and ``grid.*`` into that sweep, runs it, then aggregates every result
 into ``results.csv``, ``report.md`` and ``plots/``.
 
 Per entry (cached under ``<out_dir>/entries/<name>/``): the altloc structure is read; the altloc regions are taken from
 the manifest or detected (contiguous residues with alternate conformers, at least ``regions.min_span`` long); the first
-two conformers are the states A and B; the structure is carved to the residues within ``carve`` A of the regions.
-Per occupancy b of B: unless the entry gives an experimental map, a synthetic map of the mixture (A at 1 - b, B at b)
-is made with gemmi's DensityCalculator -- a forward model independent of the one guidance uses -- optionally with
-Gaussian noise at a signal-to-noise ratio.
+two conformers are the states A and B; the structure is carved to the residues within ``carve`` A of the regions.  The
+carved model (``model.pdb``) carries a crystal: the entry's own cell and space group when its file has a real one,
+else a P1 orthogonal cell around the model plus ``synthetic.box_padding`` A (none for an entry with an experimental
+map, which gets no synthetic amplitudes).  Waters are not part of it (the reader drops them; the amplitudes' bulk
+solvent stands in for them); ligands and ions are, as atoms the predictor models: the synthetic data are made from
+exactly the carved model's atoms, and the structure file holds no atom the predictor lacks, so the xray observable's
+fixed atoms (``AtomInfo.environment``) are empty and nothing is seen twice or missed.
+Per occupancy b of B, unless the entry gives an experimental map, the synthetic data of the mixture (A at 1 - b, B at
+b) are made with gemmi -- forward models independent of the ones guidance uses:
+- a map (``synthetic_map``): gemmi's DensityCalculatorX, optionally with Gaussian noise at a signal-to-noise ratio;
+- amplitudes (``synthetic_amplitudes``): |F_calc + k_sol exp(-B_sol s^2 / 4) F_mask| in the carved model's crystal,
+  F_calc by gemmi's DensityCalculatorX and FFT (IT92 form factors), F_mask the Fourier transform of gemmi's flat
+  solvent mask (``K_SOL``, ``B_SOL``), relative Gaussian noise ``synthetic.f_noise`` on |F| (the sigma column), a
+  seeded free set of ``synthetic.free_fraction``, written as MTZ (FP, SIGFP, FreeR_flag; free = 0).
 
 Per job: the guided run (guidance/run.py, composed from configs/run.yaml plus the job's overrides) writes its outputs
 under ``<out_dir>/jobs/<key>/``; the metrics below go to ``<out_dir>/results/<key>.json``, written atomically.  A job
@@ -23,13 +34,17 @@ whose result exists is skipped (``force=true`` redoes it); a job that raises is 
 the others go on.  The grid's predictors are labels of ``predictors.<label>`` (override lists that may pick the
 predictor config themselves, ``predictor=reference``).  Two single-state baselines come with the config, built from
 altloc A only so that guidance has to find B: ``reference`` (A with its ANM flexibility) and ``rotamers`` (the same
-with every side chain over a rotamer library, predictors/rotamers.py).
+with every side chain over a rotamer library, predictors/rotamers.py).  ``grid.observables`` chooses the data a job is
+guided by: ``density`` (the map), ``xray`` (the amplitudes) or ``density+xray``; ``grid.strength`` is the weight of
+each of them.
 
-Metrics (``bench_metrics``): RSCC over the altloc regions (+2 A) and CC over the box against the map the run was
-guided by; per altloc, the best member RMSD over the regions after superposition on the rest of the carved chain, and
-recovery (some member within 1.0 A); member-weighted assigned fractions against the true occupancies (absolute error);
-all-atom LDDT of the best member to each altloc; clashes per 1000 atoms; bond-length and bond-angle RMSZ against
-Engh & Huber; wall time.
+Metrics (``bench_metrics``, ``xray_metrics``): RSCC over the altloc regions (+2 A) and CC over the box against the map
+(the synthetic map of the job's occupancy, whatever the job was guided by); R-work and R-free of the final ensemble
+against the synthetic amplitudes (the project's xray observable in score fashion: bulk solvent and scales refitted to
+the ensemble; empty for an entry with an experimental map, which has no amplitudes); per altloc, the best member RMSD
+over the regions after superposition on the rest of the carved chain, and recovery (some member within 1.0 A);
+member-weighted assigned fractions against the true occupancies (absolute error); all-atom LDDT of the best member to
+each altloc; clashes per 1000 atoms; bond-length and bond-angle RMSZ against Engh & Huber; wall time.
 """
 
 from __future__ import annotations
@@ -44,6 +59,7 @@ import sys
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from itertools import product
 from pathlib import Path
 
@@ -51,7 +67,15 @@ import numpy as np
 
 log = logging.getLogger("ensemble_bench")
 
-GRID_KEYS = ("entry", "predictor", "guidance", "ensemble_size", "strength", "occupancy", "potentials", "seed")
+GRID_KEYS = ("entry", "predictor", "guidance", "observables", "ensemble_size", "strength", "occupancy", "potentials",
+             "seed")
+GUIDING = ("density", "xray")  # the data a job can be guided by (grid.observables: one, or several joined by '+')
+
+# The flat bulk solvent of the synthetic amplitudes: typical refined values for protein crystals, k_sol = 0.35 e/A^3
+# and B_sol = 46 A^2 (Fokine & Urzhumtsev 2002, Acta Cryst. D58, 1387: the means over a set of PDB entries).
+K_SOL = 0.35  # e/A^3
+B_SOL = 46.0  # A^2
+MASK_PROBE, MASK_SHRINK = 1.1, 0.9  # A: solvent probe and shrink radii of the mask (the cctbx / Phenix defaults)
 
 
 class BenchError(ValueError):
@@ -170,22 +194,41 @@ class Cell:
     occupancy: float = 0.5  # of altloc B in the synthetic map
     potentials: str = "none"  # none | geometry | boltz | "geometry+boltz"
     seed: int = 0
+    observables: str = "density"  # the data guidance uses: density | xray | "density+xray"
 
     @property
     def key(self) -> str:
-        return (f"{self.entry}__{self.predictor}__{self.guidance}__E{self.ensemble_size}__s{self.strength:g}"
-                f"__b{self.occupancy:g}__{self.potentials.replace('+', '-')}__seed{self.seed}")
+        return (f"{self.entry}__{self.predictor}__{self.guidance}__{self.observables.replace('+', '-')}"
+                f"__E{self.ensemble_size}__s{self.strength:g}__b{self.occupancy:g}__{self.potentials.replace('+', '-')}"
+                f"__seed{self.seed}")
+
+    @property
+    def guided_by(self) -> list[str]:
+        return self.observables.split("+")
+
+
+def guiding_observables(value) -> str:
+    """A ``grid.observables`` value (``density``, ``xray``, ``density+xray``) checked, in the order given."""
+    names = [n.strip() for n in str(value).split("+")]
+    bad = [n for n in names if n not in GUIDING]
+    if bad or not names or len(set(names)) != len(names):
+        raise BenchError(f"grid.observables value {value!r}: use {' | '.join(GUIDING)} or several joined by '+' "
+                         "(density+xray)")
+    return "+".join(names)
 
 
 def expand_grid(entries: list[str], grid) -> list[Cell]:
-    """Every combination of the entries and the ``grid`` lists, in a fixed order."""
-    axes = [list(entries)] + [list(grid[k]) for k in GRID_KEYS[1:]]
+    """Every combination of the entries and the ``grid`` lists, in a fixed order (``observables`` defaults to
+    ``[density]``)."""
+    axes = [list(entries)] + [list(grid.get(k) or ["density"]) if k == "observables" else list(grid[k])
+                              for k in GRID_KEYS[1:]]
     cells = []
     for values in product(*axes):
         kw = dict(zip(GRID_KEYS, values))
         cells.append(Cell(entry=str(kw["entry"]), predictor=str(kw["predictor"]), guidance=str(kw["guidance"]),
                           ensemble_size=int(kw["ensemble_size"]), strength=float(kw["strength"]),
-                          occupancy=float(kw["occupancy"]), potentials=str(kw["potentials"]), seed=int(kw["seed"])))
+                          occupancy=float(kw["occupancy"]), potentials=str(kw["potentials"]), seed=int(kw["seed"]),
+                          observables=guiding_observables(kw["observables"])))
     return cells
 
 
@@ -204,6 +247,8 @@ class Prepared:
     regions: tuple[tuple[str, int, int], ...]
     ids: tuple[str, str]
     source_ids: list[str] = field(default_factory=list)
+    crystal: tuple | None = None  # (cell, space group) written in the carved model (None: no cell, see prepare_entry)
+    crystal_source: str = ""  # "the structure's" | "P1 box around the model ..." | why there is none
 
 
 def _residue_keys(layout) -> list[tuple[str, int]]:
@@ -218,11 +263,65 @@ def region_mask(layout, regions) -> np.ndarray:
     return mask
 
 
-def prepare_entry(entry: Entry, work: Path, *, min_span: int = 2, carve: float | None = 10.0) -> Prepared:
-    """Read, pick the regions and states, carve and write ``work/model.pdb`` (atomically; idempotent)."""
+def model_crystal(crystal: tuple | None, states: np.ndarray, padding: float) -> tuple[tuple, str]:
+    """The crystal of the carved model: the structure's own (cell, space group) when it has a real cell, else a P1
+    orthogonal cell spanning the atoms of every state plus ``padding`` A on each side -> ((cell, space group), why)."""
+    if crystal is not None:
+        return (tuple(float(v) for v in crystal[0]), str(crystal[1])), "the structure's"
+    points = np.asarray(states, np.float64).reshape(-1, 3)
+    lengths = np.round(points.max(0) - points.min(0) + 2.0 * float(padding), 3)
+    return ((*lengths.tolist(), 90.0, 90.0, 90.0), "P 1"), f"P1 box around the model (+{float(padding):g} A)"
+
+
+def _file_crystal(path: Path) -> tuple | None:
+    import gemmi
+
+    st = gemmi.read_structure(str(path))
+    if not st.cell.is_crystal() or st.cell.a <= 1.0 + 1e-6:
+        return None
+    sg = st.find_spacegroup()
+    return tuple(st.cell.parameters), (sg.xhm() if sg is not None else "P 1")
+
+
+def _same_crystal(a: tuple | None, b: tuple | None) -> bool:
+    import gemmi
+
+    if a is None or b is None:
+        return a is b
+    sa, sb = gemmi.find_spacegroup_by_name(a[1]), gemmi.find_spacegroup_by_name(b[1])
+    return (sa is not None and sb is not None and sa.xhm() == sb.xhm()
+            and np.allclose(np.asarray(a[0], float), np.asarray(b[0], float), atol=1e-3))
+
+
+def write_carved_model(path: Path, layout, states: np.ndarray, crystal: tuple | None) -> Path:
+    """The two states as one altloc model (A/B at 0.5/0.5, guidance.structure.write_altloc_structure) with the
+    CRYST1 of ``crystal`` (cell, space group; None: no cell), written atomically as PDB."""
+    import gemmi
+
+    from guidance.structure import atomic_write, write_altloc_structure
+
+    if crystal is None:
+        return write_altloc_structure(path, layout, np.asarray(states, np.float64), (0.5, 0.5), ids=("A", "B"))
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.nocell.pdb")
+    try:
+        write_altloc_structure(tmp, layout, np.asarray(states, np.float64), (0.5, 0.5), ids=("A", "B"))
+        st = gemmi.read_pdb_string(tmp.read_text())
+    finally:
+        tmp.unlink(missing_ok=True)
+    st.cell = gemmi.UnitCell(*crystal[0])
+    st.spacegroup_hm = gemmi.find_spacegroup_by_name(crystal[1]).hm
+    return atomic_write(path, st.make_pdb_string())
+
+
+def prepare_entry(entry: Entry, work: Path, *, min_span: int = 2, carve: float | None = 10.0,
+                  box_padding: float = 8.0) -> Prepared:
+    """Read, pick the regions and states, carve and write ``work/model.pdb`` with its crystal (``model_crystal``;
+    atomically; idempotent: an existing model is rewritten only when its CRYST1 is not that crystal).  An entry with
+    an experimental map gets no synthetic amplitudes and its model no cell, as before amplitudes existed: the map's
+    own crystal is then not checked against a cell the bench would have made up."""
     from scipy.spatial import cKDTree
 
-    from guidance.structure import altloc_regions, read_structure, write_altloc_structure
+    from guidance.structure import altloc_regions, read_structure
 
     conf = read_structure(entry.structure)
     if len(conf.ids) < 2:
@@ -246,20 +345,20 @@ def prepare_entry(entry: Entry, work: Path, *, min_span: int = 2, carve: float |
     states = states[:, keep]
     work.mkdir(parents=True, exist_ok=True)
     path = work / "model.pdb"
-    if not path.is_file():
-        write_altloc_structure(path, layout, states.astype(np.float64), (0.5, 0.5), ids=("A", "B"))
+    if entry.map is None:
+        crystal, source = model_crystal(conf.crystal, states, box_padding)
+    else:
+        crystal, source = None, "none: the entry has an experimental map (no synthetic amplitudes)"
+    if not path.is_file() or not _same_crystal(_file_crystal(path), crystal):
+        write_carved_model(path, layout, states, crystal)
     return Prepared(entry, path, layout, states.astype(np.float32), region_mask(layout, regions), tuple(regions),
-                    ("A", "B"), list(conf.ids))
+                    ("A", "B"), list(conf.ids), crystal, source)
 
 
-def _gemmi_density(xyz: np.ndarray, element: np.ndarray, occupancy: np.ndarray, b_factor: float, resolution: float,
-                   size: np.ndarray, spacing: np.ndarray):
-    """gemmi's DensityCalculatorX density of atoms ``xyz [M, 3]`` (elements, occupancies; atoms of occupancy 0 are
-    left out; uniform ``b_factor`` plus observables.density.resolution_blur) on a P1 orthogonal cell of ``size``
-    voxels of ``spacing`` A -> the gemmi grid (periodic)."""
+def _gemmi_atoms(xyz: np.ndarray, element: np.ndarray, occupancy: np.ndarray, b_factor: float):
+    """A gemmi Structure of one model holding atoms ``xyz [M, 3]`` with their elements, occupancies (atoms of
+    occupancy 0 left out) and one isotropic ``b_factor`` (A^2), as one residue; no cell."""
     import gemmi
-
-    from observables.density import resolution_blur
 
     st = gemmi.Structure()
     model = gemmi.Model("1")
@@ -280,6 +379,29 @@ def _gemmi_density(xyz: np.ndarray, element: np.ndarray, occupancy: np.ndarray, 
     chain.add_residue(res)
     model.add_chain(chain)
     st.add_model(model)
+    return st
+
+
+def mixture_atoms(prep: Prepared, occupancy_b: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The A/B mixture as atoms: A at 1 - b and B at b where the states differ, once at full occupancy where they
+    coincide -> (xyz [M, 3], element [M], occupancy [M])."""
+    a, b = prep.states
+    moved = np.linalg.norm(a - b, axis=-1) > 1e-3
+    element = np.asarray(prep.layout.element).astype(str)
+    occ = np.concatenate([np.where(moved, 1.0 - occupancy_b, 1.0), np.full(moved.sum(), occupancy_b)])
+    return np.concatenate([a, b[moved]]), np.concatenate([element, element[moved]]), occ
+
+
+def _gemmi_density(xyz: np.ndarray, element: np.ndarray, occupancy: np.ndarray, b_factor: float, resolution: float,
+                   size: np.ndarray, spacing: np.ndarray):
+    """gemmi's DensityCalculatorX density of atoms ``xyz [M, 3]`` (elements, occupancies; atoms of occupancy 0 are
+    left out; uniform ``b_factor`` plus observables.density.resolution_blur) on a P1 orthogonal cell of ``size``
+    voxels of ``spacing`` A -> the gemmi grid (periodic)."""
+    import gemmi
+
+    from observables.density import resolution_blur
+
+    st = _gemmi_atoms(xyz, element, occupancy, b_factor)
     size = np.asarray(size, dtype=int)
     st.cell = gemmi.UnitCell(*(size * np.asarray(spacing)).tolist(), 90, 90, 90)
     dc = gemmi.DensityCalculatorX()
@@ -302,17 +424,12 @@ def synthetic_map(prep: Prepared, occupancy_b: float, resolution: float, path: P
 
     if path.is_file():
         return path
-    a, b = prep.states
-    moved = np.linalg.norm(a - b, axis=-1) > 1e-3
-    element = np.asarray(prep.layout.element).astype(str)
-    occ = np.concatenate([np.where(moved, 1.0 - occupancy_b, 1.0), np.full(moved.sum(), occupancy_b)])
-    xyz = np.concatenate([a, b[moved]])
-    points = np.concatenate([a, b])
+    xyz, element, occ = mixture_atoms(prep, occupancy_b)
+    points = np.concatenate(list(prep.states))
     lo, hi = points.min(0) - padding, points.max(0) + padding
     spacing = resolution / 4.0
     size = np.ceil((hi - lo + 2 * padding) / spacing).astype(int) + 1  # the cell: box + margin, so nothing wraps in
-    grid = _gemmi_density(xyz, np.concatenate([element, element[moved]]), occ, b_factor, resolution,
-                          size + size % 2, np.full(3, spacing))
+    grid = _gemmi_density(xyz, element, occ, b_factor, resolution, size + size % 2, np.full(3, spacing))
     start = np.floor(lo / spacing).astype(int)
     shape = (np.ceil((hi - lo) / spacing).astype(int) + 1).tolist()
     values = np.array(grid.get_subarray(start.tolist(), shape), dtype=np.float32)
@@ -322,6 +439,87 @@ def synthetic_map(prep: Prepared, occupancy_b: float, resolution: float, path: P
     path.parent.mkdir(parents=True, exist_ok=True)
     write_ccp4(path, DensityMap(values, start * spacing, np.full(3, spacing)))
     read_map(path)  # a written map must read back
+    return path
+
+
+def synthetic_amplitudes(prep: Prepared, occupancy_b: float, resolution: float, path: Path, *,
+                         b_factor: float = 20.0, f_noise: float = 0.05, free_fraction: float = 0.05, seed: int = 0):
+    """Measured-like amplitudes of the A/B mixture (``mixture_atoms``, uniform ``b_factor``) in the carved model's
+    crystal (``prep.crystal``), every reflection to ``resolution`` A but F000 and the systematic absences:
+
+        |F| = | F_calc(h) + K_SOL exp(-B_SOL s^2 / 4) F_mask(h) |,   s = 1/d
+
+    F_calc by gemmi's DensityCalculatorX (IT92 form factors, symmetry copies of the atoms, with gemmi's Refmac-like
+    blur against aliasing, removed again) and FFT (``transform_map_to_f_phi``); F_mask the FFT of gemmi's flat
+    solvent mask (1 in the solvent; ``SolventMasker`` with cctbx's radii, probe ``MASK_PROBE``, shrink
+    ``MASK_SHRINK``) on a grid of spacing resolution / 4.  Noise: F_obs = |F| + N(0, sigma), sigma = ``f_noise`` |F|
+    (the SIGFP column; a negative draw, vanishingly rare at small f_noise, is reflected).  Free set: a seeded random
+    ``free_fraction`` of the reflections, FreeR_flag 0 (CCP4's free value; the rest 1).  Written as MTZ (FP, SIGFP,
+    FreeR_flag) atomically and read back with observables.reflections.read_reflections; an existing file of the
+    same crystal is reused."""
+    import gemmi
+
+    from observables.reflections import read_reflections
+
+    if prep.crystal is None:
+        raise BenchError(f"{prep.entry.name}: the carved model has no crystal (the entry has an experimental map); "
+                         "synthetic amplitudes are made only for entries without one")
+    cell_params, sg_name = prep.crystal
+    cell, sg = gemmi.UnitCell(*cell_params), gemmi.find_spacegroup_by_name(sg_name)
+    if path.is_file():
+        old = gemmi.read_mtz_file(str(path))
+        if _same_crystal((tuple(old.cell.parameters), old.spacegroup.xhm()), prep.crystal):
+            return path
+    if not f_noise > 0:
+        raise BenchError(f"synthetic.f_noise={f_noise}: amplitudes need sigmas; give a relative noise > 0 (e.g. 0.05)")
+    if not 0 < free_fraction < 0.5:
+        raise BenchError(f"synthetic.free_fraction={free_fraction}: give a fraction in (0, 0.5), e.g. 0.05")
+    xyz, element, occ = mixture_atoms(prep, occupancy_b)
+    st = _gemmi_atoms(xyz, element, occ, b_factor)
+    st.cell = cell
+    st.spacegroup_hm = sg.hm
+    st.setup_cell_images()
+    dc = gemmi.DensityCalculatorX()
+    dc.d_min = float(resolution)
+    dc.set_refmac_compatible_blur(st[0])
+    dc.set_grid_cell_and_spacegroup(st)
+    dc.put_model_density_on_grid(st[0])
+    f_grid = gemmi.transform_map_to_f_phi(dc.grid, half_l=True)
+    asu = f_grid.prepare_asu_data(dmin=float(resolution), with_000=False, with_sys_abs=False)
+    hkl = np.array(asu.miller_array, dtype=np.int32)
+    f_calc = np.asarray(f_grid.get_value_by_hkl(hkl, unblur=dc.blur), np.complex128)
+    mask = gemmi.FloatGrid()
+    mask.setup_from(st, float(resolution) / 4.0)
+    masker = gemmi.SolventMasker(gemmi.AtomicRadiiSet.Cctbx)
+    masker.rprobe, masker.rshrink = MASK_PROBE, MASK_SHRINK
+    masker.put_mask_on_float_grid(mask, st[0])
+    f_mask = np.asarray(gemmi.transform_map_to_f_phi(mask, half_l=True).get_value_by_hkl(hkl), np.complex128)
+    inv_d2 = cell.calculate_1_d2_array(hkl.astype(np.float64))
+    f_abs = np.abs(f_calc + K_SOL * np.exp(-B_SOL * inv_d2 / 4.0) * f_mask)
+    rng = np.random.default_rng(seed)
+    sigma = float(f_noise) * f_abs
+    f_obs = np.abs(f_abs + sigma * rng.standard_normal(len(f_abs)))
+    flag = np.ones(len(hkl))
+    flag[rng.permutation(len(hkl))[:int(round(free_fraction * len(hkl)))]] = 0.0
+    keep = f_abs > 0
+    mtz = gemmi.Mtz(with_base=True)
+    mtz.spacegroup = sg
+    mtz.add_dataset("synthetic").wavelength = 1.0
+    mtz.set_cell_for_all(cell)
+    mtz.add_column("FP", "F")
+    mtz.add_column("SIGFP", "Q")
+    mtz.add_column("FreeR_flag", "I")
+    mtz.set_data(np.column_stack([hkl, f_obs, sigma, flag])[keep].astype(np.float32))
+    mtz.history = [f"ensemble-bench synthetic amplitudes: {prep.entry.name} A/B mixture, B occupancy "
+                   f"{occupancy_b:g}, {resolution:g} A, k_sol {K_SOL} B_sol {B_SOL}, f_noise {f_noise:g}"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        mtz.write_to_file(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    read_reflections(path)  # written amplitudes must read back
     return path
 
 
@@ -399,6 +597,52 @@ def bench_metrics(prep: Prepared, members: np.ndarray, weights: np.ndarray, occu
     return out
 
 
+XRAY_KEYS = ("r_work", "r_free", "n_work", "n_free", "k_sol", "b_sol", "d_min")
+
+
+@lru_cache(maxsize=4)
+def _xray_scorer(structure: str, amplitudes: str, stamps: tuple):
+    """The xray observable on the atoms of the carved model ``structure`` as a guided run builds it (B-factors,
+    occupancies, crystal and fixed atoms from the file: guidance.run.structure_atoms) with data ``amplitudes`` ->
+    (observable, layout).  Kept for the next jobs of the same entry and occupancy (``report`` leaves it unchanged;
+    ``stamps``, the files' mtime and size, make a rewritten file a new key): building and compiling it costs more
+    than scoring."""
+    from guidance.run import structure_atoms
+    from guidance.structure import match_layouts, read_structure
+    from observables.base import AtomInfo
+    from observables.xray import XrayObservable
+
+    conf = read_structure(structure)
+    extras = structure_atoms(conf, conf.layout, match_layouts(conf.layout, conf.layout))
+    if extras.get("environment") is not None:  # the carved model holds the model's atoms only (module docstring)
+        raise BenchError(f"{structure} has {len(extras['environment'])} atoms besides the model's; the synthetic "
+                         "amplitudes do not contain them")
+    atoms = AtomInfo.from_layout(conf.layout, coords=conf.coords, **extras)
+    return XrayObservable(atoms, data=amplitudes), conf.layout
+
+
+def xray_metrics(prep: Prepared, members: np.ndarray, weights: np.ndarray, amplitudes: Path | None) -> dict:
+    """R-work and R-free (with n_work, n_free, k_sol, b_sol, d_min) of the ensemble ``members [E, N, 3]`` (on
+    ``prep.layout``) at ``weights`` against ``amplitudes``, by the project's xray observable in score fashion
+    (``_xray_scorer``): its ``report`` refits bulk solvent and scales to the ensemble.  Without amplitudes every
+    value is None (empty in the tables, never 0)."""
+    if amplitudes is None:
+        return {k: None for k in XRAY_KEYS}
+    from guidance.structure import match_layouts
+
+    files = (Path(prep.structure), Path(amplitudes))
+    stamps = tuple((f.stat().st_mtime_ns, f.stat().st_size) for f in files)
+    obs, layout = _xray_scorer(str(files[0]), str(files[1]), stamps)
+    match = match_layouts(prep.layout, layout)
+    if match.missing_in_src or match.missing_in_dst:
+        raise BenchError(f"{prep.entry.name}: the carved model {prep.structure} does not hold the entry's atoms; "
+                         "delete it to have it rewritten")
+    x = np.zeros((len(members), len(layout), 3), np.float32)
+    x[:, match.dst_index] = np.asarray(members, np.float32)[:, match.src_index]
+    report = obs.report(x, np.asarray(weights, np.float32))
+    return {k: report[k] for k in XRAY_KEYS}
+
+
 # ----------------------------------------------------------------------------------------------------- one job
 
 
@@ -424,8 +668,10 @@ def _potential_overrides(potentials: str) -> list[str]:
     return [f"potentials=[{','.join(names)}]"] if names else []
 
 
-def run_overrides(cfg, cell: Cell, prep: Prepared, map_path: Path, resolution: float, job_dir: Path) -> list[str]:
-    """The overrides of configs/run.yaml that make one job's guided run."""
+def run_overrides(cfg, cell: Cell, prep: Prepared, map_path: Path, resolution: float, job_dir: Path,
+                  amplitudes: Path | None = None) -> list[str]:
+    """The overrides of configs/run.yaml that make one job's guided run: the observables of ``cell.observables``
+    with their data (``map_path``, ``amplitudes``), each weighted by ``cell.strength``."""
     from omegaconf import OmegaConf
 
     entry = prep.entry
@@ -434,11 +680,19 @@ def run_overrides(cfg, cell: Cell, prep: Prepared, map_path: Path, resolution: f
     # a grid label may name a variant of a predictor: its overrides then choose the config (predictor=reference)
     if not any(o.startswith("predictor=") for o in predictor_over):
         predictor_over.insert(0, f"predictor={cell.predictor}")
-    over = [f"structure={prep.structure}", "observables=[density]", f"observables.density.map={map_path}",
-            f"observables.density.resolution={resolution}", f"observables.density.weight={cell.strength}",
-            f"guidance={cell.guidance}", f"ensemble_size={cell.ensemble_size}",
-            f"seed={cell.seed}", "output.plots=false", "output.particles=false", "mode=sample"]
-    if entry.mtz_columns:
+    guided_by = cell.guided_by
+    over = [f"structure={prep.structure}", f"observables=[{','.join(guided_by)}]"]
+    if "density" in guided_by:
+        over += [f"observables.density.map={map_path}", f"observables.density.resolution={resolution}",
+                 f"observables.density.weight={cell.strength}"]
+    if "xray" in guided_by:
+        if amplitudes is None:
+            raise BenchError(f"{entry.name}: an xray-guided job needs amplitudes; the entry has an experimental map "
+                             "and no amplitudes (synthetic amplitudes are made only for entries without a map)")
+        over += [f"observables.xray.data={amplitudes}", f"observables.xray.weight={cell.strength}"]
+    over += [f"guidance={cell.guidance}", f"ensemble_size={cell.ensemble_size}",
+             f"seed={cell.seed}", "output.plots=false", "output.particles=false", "mode=sample"]
+    if entry.mtz_columns and "density" in guided_by:
         over.append(f"observables.density.mtz_columns={entry.mtz_columns}")
     over += _potential_overrides(cell.potentials)
     over += predictor_over
@@ -468,18 +722,26 @@ def run_job(cfg, cell: Cell, out_dir: Path) -> dict:
         if cell.entry not in entries:
             raise BenchError(f"entry {cell.entry!r} is not in the manifest {cfg.manifest}")
         entry = entries[cell.entry]
+        syn = cfg.synthetic
         prep = prepare_entry(entry, out_dir / "entries" / entry.name, min_span=int(cfg.regions.min_span),
-                             carve=cfg.regions.carve)
-        resolution = float(entry.resolution or cfg.synthetic.resolution)
+                             carve=cfg.regions.carve, box_padding=float(syn.get("box_padding", 8.0)))
+        resolution = float(entry.resolution or syn.resolution)
+        amplitudes = None
         if entry.map is not None:
             map_path = entry.map
         else:
-            snr = cfg.synthetic.snr
+            snr = syn.snr
             name = f"map_b{cell.occupancy:g}_{resolution:g}A" + (f"_snr{snr:g}" if snr else "") + ".ccp4"
             map_path = synthetic_map(prep, cell.occupancy, resolution, out_dir / "entries" / entry.name / name,
-                                     b_factor=float(cfg.synthetic.b_factor), snr=snr, seed=int(cfg.synthetic.seed))
+                                     b_factor=float(syn.b_factor), snr=snr, seed=int(syn.seed))
+            f_noise, free = float(syn.get("f_noise", 0.05)), float(syn.get("free_fraction", 0.05))
+            name = f"amplitudes_b{cell.occupancy:g}_{resolution:g}A_noise{f_noise:g}_free{free:g}_seed{syn.seed}.mtz"
+            amplitudes = synthetic_amplitudes(prep, cell.occupancy, resolution, out_dir / "entries" / entry.name / name,
+                                              b_factor=float(syn.b_factor), f_noise=f_noise, free_fraction=free,
+                                              seed=int(syn.seed))
         job_dir = out_dir / "jobs" / cell.key
-        run_cfg = compose(config_name="run", overrides=run_overrides(cfg, cell, prep, map_path, resolution, job_dir))
+        run_cfg = compose(config_name="run",
+                          overrides=run_overrides(cfg, cell, prep, map_path, resolution, job_dir, amplitudes))
         t_run = time.perf_counter()
         run_metrics = run_one(run_cfg, job_dir)
         sampling_s = time.perf_counter() - t_run
@@ -494,9 +756,18 @@ def run_job(cfg, cell: Cell, out_dir: Path) -> dict:
         members[:, match.src_index] = ens.coords[:, match.dst_index]
         metrics = bench_metrics(prep, members, np.asarray(ens.weights), cell.occupancy, map_path, resolution,
                                 recovery_threshold=float(cfg.recovery_threshold))
+        t_x = time.perf_counter()
+        metrics.update(xray_metrics(prep, members, np.asarray(ens.weights), amplitudes))
+        metrics["xray_metrics_s"] = time.perf_counter() - t_x
         metrics["sampling_s"] = sampling_s
-        metrics["density_rscc_run"] = run_metrics["observables"]["density"].get("rscc")
-        record.update(status="ok", metrics=metrics, map=str(map_path), regions=[list(r) for r in prep.regions])
+        run_obs = run_metrics["observables"]
+        metrics["density_rscc_run"] = run_obs.get("density", {}).get("rscc")
+        metrics["xray_r_free_run"] = run_obs.get("xray", {}).get("r_free")
+        metrics["xray_r_work_run"] = run_obs.get("xray", {}).get("r_work")
+        record.update(status="ok", metrics=metrics, map=str(map_path), regions=[list(r) for r in prep.regions],
+                      amplitudes=None if amplitudes is None else str(amplitudes),
+                      crystal=None if prep.crystal is None else {
+                          "cell": list(prep.crystal[0]), "space_group": prep.crystal[1], "source": prep.crystal_source})
     except Exception as exc:  # a crashed job is a result too: record it and let the others run
         record.update(error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(limit=8))
         log.error("job %s failed: %s: %s", cell.key, type(exc).__name__, exc)
@@ -525,9 +796,10 @@ def _progress(out_dir: Path) -> None:
 # ----------------------------------------------------------------------------------------------------- aggregation
 
 
-ROW_KEYS = ("status", "rscc_region", "cc_box", "ab_region_rmsd", "best_rmsd_A", "best_rmsd_B", "recovered_A",
-            "recovered_B", "fraction_A", "fraction_B", "fraction_error_B", "lddt_A", "lddt_B", "bond_rmsz",
-            "angle_rmsz", "clashes_per_1000_atoms", "n_atoms", "n_region_atoms", "sampling_s", "wall_s", "error")
+ROW_KEYS = ("status", "rscc_region", "cc_box", "r_work", "r_free", "ab_region_rmsd", "best_rmsd_A", "best_rmsd_B",
+            "recovered_A", "recovered_B", "fraction_A", "fraction_B", "fraction_error_B", "lddt_A", "lddt_B",
+            "bond_rmsz", "angle_rmsz", "clashes_per_1000_atoms", "n_atoms", "n_region_atoms", "sampling_s", "wall_s",
+            "error")
 
 
 def collect(out_dir: Path, keys: list[str] | None = None) -> list[dict]:
@@ -537,7 +809,7 @@ def collect(out_dir: Path, keys: list[str] | None = None) -> list[dict]:
         rec = json.loads(path.read_text())
         if keys is not None and rec["key"] not in keys:
             continue
-        row = {"key": rec["key"], **rec["cell"]}
+        row = {"key": rec["key"], "observables": "density", **rec["cell"]}
         metrics = rec.get("metrics", {})
         for k in ROW_KEYS:
             row[k] = rec.get(k) if k in ("status", "wall_s", "error") else metrics.get(k)
@@ -565,37 +837,45 @@ def write_report(rows: list[dict], out_dir: Path) -> dict[str, Path]:
     md = ["# ensemble-bench report", "", f"{len(rows)} jobs: {len(ok)} finished, {len(failed)} failed.", ""]
     md += ["## Recovery of altloc B by method", "",
            "Entries in which some member came within the recovery threshold of B (over the altloc regions, after "
-           "superposition on the rest of the chain), per predictor / guidance / strength / potentials.", "",
+           "superposition on the rest of the chain), per predictor / guidance / observables / strength / "
+           "potentials.", "",
            "Jobs: the same over every job of the group (seeds, occupancies, ensemble sizes), a less noisy count.", "",
-           "| predictor | guidance | strength | potentials | entries with B recovered | jobs with B recovered "
-           "| mean best RMSD to B (A) | mean B fraction error | mean RSCC (region) | mean bond RMSZ | mean angle RMSZ "
-           "| clashes /1000 |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "Observables: the data the jobs were guided by.  Whatever guided a job, RSCC is against the map (the "
+           "synthetic map of the job's occupancy unless the entry gives one) and R-free against the synthetic "
+           "amplitudes of that occupancy (empty: the entry has an experimental map and no amplitudes).", "",
+           "| predictor | guidance | observables | strength | potentials | entries with B recovered "
+           "| jobs with B recovered | mean best RMSD to B (A) | mean B fraction error | mean RSCC (region) "
+           "| mean R-free | mean bond RMSZ | mean angle RMSZ | clashes /1000 |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     groups: dict[tuple, list[dict]] = {}
     for r in ok:
-        groups.setdefault((r["predictor"], r["guidance"], r["strength"], r["potentials"]), []).append(r)
+        groups.setdefault((r["predictor"], r["guidance"], r["observables"], r["strength"], r["potentials"]),
+                          []).append(r)
 
     def mean(rs, k):
         vals = [float(r[k]) for r in rs if r.get(k) is not None and np.isfinite(float(r[k]))]
         return float(np.mean(vals)) if vals else float("nan")
 
-    for (pred, guid, strength, pots), rs in sorted(groups.items()):
+    for (pred, guid, obs, strength, pots), rs in sorted(groups.items()):
         recovered = sorted({r["entry"] for r in rs if r["recovered_B"]})
         entries = sorted({r["entry"] for r in rs})
-        md.append(f"| {pred} | {guid} | {strength:g} | {pots} | {len(recovered)}/{len(entries)} "
+        md.append(f"| {pred} | {guid} | {obs} | {strength:g} | {pots} | {len(recovered)}/{len(entries)} "
                   f"({', '.join(recovered) or '-'}) | {sum(bool(r['recovered_B']) for r in rs)}/{len(rs)} "
                   f"| {mean(rs, 'best_rmsd_B'):.2f} | {mean(rs, 'fraction_error_B'):.2f}"
-                  f" | {mean(rs, 'rscc_region'):.3f} | {mean(rs, 'bond_rmsz'):.2f} | {mean(rs, 'angle_rmsz'):.2f} | "
-                  f"{mean(rs, 'clashes_per_1000_atoms'):.1f} |")
+                  f" | {mean(rs, 'rscc_region'):.3f} | {_fmt_r(mean(rs, 'r_free'))} | {mean(rs, 'bond_rmsz'):.2f} "
+                  f"| {mean(rs, 'angle_rmsz'):.2f} | {mean(rs, 'clashes_per_1000_atoms'):.1f} |")
     md += ["", "## Per entry", "",
-           "| entry | A-B RMSD (A) | predictor | guidance | E | strength | b | potentials | seed | best RMSD B | "
-           "recovered B | fraction B | LDDT B | RSCC region | CC box | bond RMSZ | angle RMSZ | wall (s) |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(ok, key=lambda r: (r["entry"], r["predictor"], r["guidance"], r["strength"], r["occupancy"])):
+           "| entry | A-B RMSD (A) | predictor | guidance | observables | E | strength | b | potentials | seed "
+           "| best RMSD B | recovered B | fraction B | LDDT B | RSCC region | CC box | R-work | R-free | bond RMSZ "
+           "| angle RMSZ | wall (s) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(ok, key=lambda r: (r["entry"], r["predictor"], r["guidance"], r["observables"], r["strength"],
+                                       r["occupancy"])):
         md.append(f"| {r['entry']} | {r['ab_region_rmsd']:.2f} | {r['predictor']} | {r['guidance']} | "
-                  f"{r['ensemble_size']} | {r['strength']:g} | {r['occupancy']:g} | {r['potentials']} | {r['seed']} | "
-                  f"{r['best_rmsd_B']:.2f} | {'yes' if r['recovered_B'] else 'no'} | {r['fraction_B']:.2f} | "
-                  f"{r['lddt_B']:.3f} | {r['rscc_region']:.3f} | {r['cc_box']:.3f} | {_fmt(r['bond_rmsz'])} | "
+                  f"{r['observables']} | {r['ensemble_size']} | {r['strength']:g} | {r['occupancy']:g} | "
+                  f"{r['potentials']} | {r['seed']} | {r['best_rmsd_B']:.2f} | {'yes' if r['recovered_B'] else 'no'} | "
+                  f"{r['fraction_B']:.2f} | {r['lddt_B']:.3f} | {r['rscc_region']:.3f} | {r['cc_box']:.3f} | "
+                  f"{_fmt_r(r['r_work'])} | {_fmt_r(r['r_free'])} | {_fmt(r['bond_rmsz'])} | "
                   f"{_fmt(r['angle_rmsz'])} | {r['wall_s']:.1f} |")
     if failed:
         md += ["", "## Failed jobs", "", "| job | error |", "|---|---|"]
@@ -614,6 +894,11 @@ def _fmt(v) -> str:
     return "-" if v is None else f"{float(v):.2f}"
 
 
+def _fmt_r(v) -> str:
+    """An R value or a mean of them: "-" when there is none (no amplitudes), never 0."""
+    return "-" if v is None or not np.isfinite(float(v)) else f"{float(v):.3f}"
+
+
 def _plots(rows: list[dict], plots: Path) -> dict[str, Path]:
     import matplotlib
 
@@ -626,9 +911,14 @@ def _plots(rows: list[dict], plots: Path) -> dict[str, Path]:
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["predictor"], r["guidance"], r["potentials"]), []).append(r)
-    for (pred, guid, pots), rs in sorted(groups.items()):
-        label = f"{pred}/{guid}" + ("" if pots == "none" else f"+{pots}")
+        groups.setdefault((r["predictor"], r["guidance"], r["potentials"], r.get("observables", "density")),
+                          []).append(r)
+
+    def label_of(pred, guid, pots, obs):
+        return f"{pred}/{guid}" + ("" if pots == "none" else f"+{pots}") + ("" if obs == "density" else f" [{obs}]")
+
+    for (pred, guid, pots, obs), rs in sorted(groups.items()):
+        label = label_of(pred, guid, pots, obs)
         x = np.array([np.nan if r["bond_rmsz"] is None else float(r["bond_rmsz"]) for r in rs])
         y = np.array([float(r["rscc_region"]) for r in rs])
         sc = ax.scatter(x, y, alpha=0.25, s=14)  # every job, faint
@@ -649,13 +939,13 @@ def _plots(rows: list[dict], plots: Path) -> dict[str, Path]:
     plt.close(fig)
     # recovery of B vs strength
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for (pred, guid, pots), rs in sorted(groups.items()):
+    for (pred, guid, pots, obs), rs in sorted(groups.items()):
         by_s: dict[float, list[bool]] = {}
         for r in rs:
             by_s.setdefault(float(r["strength"]), []).append(bool(r["recovered_B"]))
         s = sorted(by_s)
-        ax.plot(s, [np.mean(by_s[k]) for k in s], "o-", label=f"{pred}/{guid}" + ("" if pots == "none" else f"+{pots}"))
-    ax.set_xlabel("guidance strength (weight of the density term)")
+        ax.plot(s, [np.mean(by_s[k]) for k in s], "o-", label=label_of(pred, guid, pots, obs))
+    ax.set_xlabel("guidance strength (weight of the data term)")
     ax.set_ylabel("fraction of jobs with B recovered (<= 1 A)")
     ax.set_ylim(-0.05, 1.05)
     ax.legend(fontsize=7)
@@ -767,7 +1057,8 @@ def _decode(text: str) -> Cell:
     kw = dict(zip(GRID_KEYS, parts))
     return Cell(entry=kw["entry"], predictor=kw["predictor"], guidance=kw["guidance"],
                 ensemble_size=int(kw["ensemble_size"]), strength=float(kw["strength"]),
-                occupancy=float(kw["occupancy"]), potentials=kw["potentials"], seed=int(kw["seed"]))
+                occupancy=float(kw["occupancy"]), potentials=kw["potentials"], seed=int(kw["seed"]),
+                observables=kw["observables"])
 
 
 def _job_from_key(cfg) -> None:
@@ -779,4 +1070,8 @@ def _job_from_key(cfg) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # run the importable module, not this __main__ copy: the jobs Hydra's joblib launcher pickles then refer to
+    # guidance.bench by name (its cached xray scorer included) instead of to a __main__ a worker does not have
+    from guidance.bench import main as bench_main
+
+    raise SystemExit(bench_main())

@@ -242,7 +242,7 @@ def _boltz_arch_args(pcfg) -> dict:
     return out
 
 
-def structure_atoms(conf, layout=None, match=None) -> dict:
+def structure_atoms(conf, layout=None, match=None, conformers=None) -> dict:
     """What the input structure says about the atoms beyond their positions, as ``AtomInfo`` fields: the conformers'
     weights, B-factors, occupancies, the crystal and the fixed atoms (waters, ligands, anything ``layout`` lacks).
 
@@ -251,11 +251,18 @@ def structure_atoms(conf, layout=None, match=None) -> dict:
     are exactly the file's multiconformer model.  Sample mode (the predictor's ``layout`` and the ``match`` of the
     structure onto it): every sampled member carries the input's B per atom (the conformers' weighted mean;
     atoms the structure lacks take their residue's mean, else the overall mean) and the atom's total occupancy;
-    members are moved, so anisotropic U does not apply."""
+    members are moved, so anisotropic U does not apply.  ``conformers`` (ids) restricts the conformers' weights to
+    those the prior is built from, so that nothing fitted to the reference coordinates (the X-ray observable's first
+    bulk-solvent, scale and sigma_A fit) sees conformers the prior was not given (a benchmark's hidden altloc B)."""
     from guidance.structure import read_fixed_atoms
     from observables.base import Crystal, FixedAtoms
 
-    extras: dict = {"weights": np.asarray(conf.weights, np.float32)}
+    weights = np.asarray(conf.weights, np.float64)
+    if conformers:
+        keep = np.isin(np.asarray(conf.ids), [str(c) for c in conformers])
+        if keep.any():
+            weights = np.where(keep, weights, 0.0) / np.sum(weights[keep])
+    extras: dict = {"weights": weights.astype(np.float32)}
     if conf.crystal is not None:
         extras["crystal"] = Crystal(tuple(float(v) for v in conf.crystal[0]), str(conf.crystal[1]))
     target = conf.layout if layout is None else layout
@@ -514,7 +521,9 @@ def sample(cfg, conf, demo_data, truth, out_dir: Path) -> dict:
     ref_coords = np.zeros((len(conf.ids), len(predictor.layout), 3), np.float32)
     ref_coords[:, match.dst_index] = conf.coords[:, match.src_index]
     ref_coords = fill_missing(predictor.layout, ref_coords, known)
-    terms = build_objective(cfg, predictor.layout, ref_coords, demo_data, structure_atoms(conf, predictor.layout, match))
+    prior_conformers = list(cfg.predictor.get("conformers") or []) if cfg.predictor.name == "reference" else []
+    terms = build_objective(cfg, predictor.layout, ref_coords, demo_data,
+                            structure_atoms(conf, predictor.layout, match, prior_conformers))
 
     scfg, gcfg = cfg.sampler, cfg.guidance
     schedule = _schedule(predictor, scfg)

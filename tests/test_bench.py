@@ -1,5 +1,6 @@
-"""ensemble-bench: manifests, the grid, synthetic maps from an independent forward model, the metrics, and the
-bench as a whole on the altloc entries in ../shared/data (resume after a kill, failed jobs, the joblib launcher)."""
+"""ensemble-bench: manifests, the grid, synthetic maps and amplitudes from independent forward models, the metrics
+(R-free beside RSCC), and the bench as a whole on the altloc entries in ../shared/data (density- and xray-guided jobs,
+resume after a kill, failed jobs, the joblib launcher)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ import numpy as np
 import pytest
 
 from guidance.bench import (
+    K_SOL,
     BenchError,
     Cell,
+    Entry,
     _decode,
     _encode,
     _map_correlations,
@@ -25,7 +28,10 @@ from guidance.bench import (
     parse_regions,
     prepare_entry,
     read_manifest,
+    run_overrides,
+    synthetic_amplitudes,
     synthetic_map,
+    xray_metrics,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,7 +80,21 @@ def test_grid_expands_every_combination_with_unique_keys():
     cells = expand_grid(["e1", "e2"], grid)
     assert len(cells) == 2 * 2 * 2 * 2 * 2 and len({c.key for c in cells}) == len(cells)
     cell = Cell("6b8x", "boltz2", "fk", 8, 2.5, 0.25, "geometry+boltz", 3)
-    assert _decode(_encode(cell)) == cell
+    assert _decode(_encode(cell)) == cell and cell.observables == "density"
+
+
+def test_the_observables_axis_makes_distinct_jobs_and_defaults_to_density():
+    """grid.observables multiplies the jobs; the guiding data are part of every job's key, so density- and
+    xray-guided results never collide; a grid without the axis is guided by the density alone."""
+    grid = {"predictor": ["reference"], "guidance": ["fk"], "ensemble_size": [4], "strength": [1.0],
+            "occupancy": [0.5], "potentials": ["none"], "seed": [0]}
+    assert [c.observables for c in expand_grid(["e"], grid)] == ["density"]
+    cells = expand_grid(["e"], {**grid, "observables": ["density", "xray", "density+xray"]})
+    assert [c.observables for c in cells] == ["density", "xray", "density+xray"]
+    assert len({c.key for c in cells}) == 3 and "__density-xray__" in cells[2].key
+    assert _decode(_encode(cells[2])) == cells[2] and cells[2].guided_by == ["density", "xray"]
+    with pytest.raises(BenchError, match="grid.observables"):
+        expand_grid(["e"], {**grid, "observables": ["saxs"]})
 
 
 def test_synthetic_map_is_the_mixture_and_the_metric_sees_it(tmp_path, peptides):
@@ -91,6 +111,100 @@ def test_synthetic_map_is_the_mixture_and_the_metric_sees_it(tmp_path, peptides)
     assert mix["rscc_region"] > 0.9999 and mix["cc_box"] > 0.9999
     assert b_only["rscc_region"] < a_only["rscc_region"] < 0.95  # B carries 0.3 of the region's density
     assert a_only["rscc_region"] < a_only["cc_box"]
+
+
+def test_synthetic_amplitudes_are_the_mixture_measured_in_the_entry_crystal(tmp_path, peptides):
+    """The MTZ reads back with the project's reader in the entry's own crystal, to the entry's resolution, with 5 %
+    free reflections and sigma = f_noise |F|; its amplitudes at occupancy 0.5 correlate with gemmi's own direct
+    summation of the 0.5/0.5 altloc model (where bulk solvent is small, d < 3 A); scored by the project's xray
+    observable the true mixture reaches R at the noise level with the synthetic k_sol, altloc A alone does not."""
+    import gemmi
+
+    from guidance.structure import read_structure
+    from observables.reflections import read_reflections
+
+    (entry,) = read_manifest(write_manifest(tmp_path / "m.csv", [f"awa,{peptides / 'AWA_2conf.pdb'},,1.5,A:2"]))
+    prep = prepare_entry(entry, tmp_path / "awa")
+    assert prep.crystal == read_structure(entry.structure).crystal == read_structure(prep.structure).crystal
+    path = synthetic_amplitudes(prep, 0.5, 1.5, tmp_path / "awa" / "f.mtz", f_noise=0.05, free_fraction=0.05)
+    refl = read_reflections(path)
+    assert refl.columns == ["FP", "SIGFP"] and abs(refl.free.mean() - 0.05) < 0.005
+    assert 1.5 <= refl.d_min < 1.55 and refl.space_group.xhm() == prep.crystal[1]
+    assert np.allclose(refl.cell.parameters, prep.crystal[0])
+    model = gemmi.read_structure(str(prep.structure))  # A and B at 0.5 each, B 20 A^2: the mixture at b = 0.5
+    calc = gemmi.StructureFactorCalculatorX(model.cell)
+    f_mix = np.abs([calc.calculate_sf_from_model(model[0], [int(i) for i in h]) for h in refl.hkl])
+    high = refl.d_spacing < 3.0
+    assert np.corrcoef(refl.f_obs[high], f_mix[high])[0, 1] > 0.99
+    assert np.median(refl.sigma / refl.f_obs) == pytest.approx(0.05, rel=0.05)
+    mixture = xray_metrics(prep, prep.states, np.array([0.5, 0.5]), path)
+    a_only = xray_metrics(prep, prep.states[:1], np.array([1.0]), path)
+    print("R-work/R-free: mixture", mixture["r_work"], mixture["r_free"], "A only", a_only["r_work"], a_only["r_free"])
+    assert mixture["r_work"] < 0.06 and mixture["r_free"] < 0.08  # 5 % noise on |F|: R ~ 0.05 sqrt(2/pi) = 0.04
+    assert mixture["k_sol"] == pytest.approx(K_SOL, abs=0.05)
+    assert a_only["r_work"] > 3 * mixture["r_work"] and a_only["r_free"] > 2 * mixture["r_free"]
+
+
+def test_a_model_without_a_cell_gets_a_p1_box_that_the_xray_observable_accepts(tmp_path, peptides):
+    """A structure without CRYST1: the carved model is written in a P1 orthogonal cell spanning A and B plus the
+    padding, the amplitudes are in that cell, and the xray observable's crystal check passes on the model."""
+    from guidance.structure import read_structure
+
+    source = (peptides / "GNNAFNS_multiconf.pdb").read_text().splitlines(keepends=True)
+    bare = tmp_path / "gnn_nocell.pdb"
+    bare.write_text("".join(line for line in source if not line.startswith("CRYST1")))
+    prep = prepare_entry(Entry("gnn", bare, resolution=2.0), tmp_path / "gnn", box_padding=8.0)
+    span = prep.states.reshape(-1, 3).max(0) - prep.states.reshape(-1, 3).min(0)
+    assert prep.crystal[1] == "P 1" and np.allclose(prep.crystal[0][:3], span + 16.0, atol=2e-3)
+    assert read_structure(prep.structure).crystal == prep.crystal
+    path = synthetic_amplitudes(prep, 0.5, 2.0, tmp_path / "gnn" / "f.mtz")
+    r = xray_metrics(prep, prep.states, np.array([0.5, 0.5]), path)
+    assert r["r_work"] < 0.06 and np.isfinite(r["r_free"])
+
+
+def test_without_amplitudes_r_is_empty_and_xray_guidance_is_refused(tmp_path, peptides):
+    """An entry with an experimental map has no amplitudes: its carved model gets no made-up cell, its R values are
+    None (empty cells, not 0) and an xray-guided job of it fails with a message instead of guessing data; the
+    overrides of a density+xray job give each observable its data and the grid's strength."""
+    from omegaconf import OmegaConf
+
+    from guidance.structure import read_structure
+
+    entry = Entry("awa", peptides / "AWA_2conf.pdb", tmp_path / "map.ccp4", 1.5, (("A", 2, 2),))
+    prep = prepare_entry(entry, tmp_path / "awa")
+    assert prep.crystal is None and read_structure(prep.structure).crystal is None
+    with pytest.raises(BenchError, match="experimental map"):
+        synthetic_amplitudes(prep, 0.5, 1.5, tmp_path / "f.mtz")
+    assert all(v is None for v in xray_metrics(prep, prep.states, np.array([0.5, 0.5]), None).values())
+    cfg = {"predictors": {}, "methods": {}, "run": []}
+    cell = Cell("awa", "reference", "fk", observables="xray")
+    with pytest.raises(BenchError, match="needs amplitudes"):
+        run_overrides(OmegaConf.create(cfg), cell, prep, tmp_path / "map.ccp4", 1.5, tmp_path / "job", None)
+    over = run_overrides(OmegaConf.create(cfg), Cell("awa", "reference", "fk", strength=2.0,
+                                                     observables="density+xray"),
+                         prep, tmp_path / "map.ccp4", 1.5, tmp_path / "job", tmp_path / "f.mtz")
+    assert "observables=[density,xray]" in over and f"observables.xray.data={tmp_path / 'f.mtz'}" in over
+    assert "observables.xray.weight=2.0" in over and "observables.density.weight=2.0" in over
+
+
+def test_density_and_xray_guided_jobs_both_report_r_free(tmp_path, peptides):
+    """One small entry, FK guided by the map and by the amplitudes: both jobs finish with a finite R-free against the
+    synthetic amplitudes beside RSCC; the xray-guided job's R-free is the one its own run reported for the same
+    ensemble; the report has the R-free column; a second run skips both jobs."""
+    manifest = write_manifest(tmp_path / "m.csv", [f"awa,{peptides / 'AWA_2conf.pdb'},,1.5,A:2"])
+    out = tmp_path / "out"
+    args = [f"manifest={manifest}", f"out_dir={out}", *FAST, "grid.guidance=[fk]", "grid.observables=[density,xray]"]
+    proc = bench(*args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["observables"]: r for r in csv.DictReader((out / "results.csv").open())}
+    assert sorted(rows) == ["density", "xray"] and all(r["status"] == "ok" for r in rows.values())
+    for r in rows.values():
+        assert np.isfinite(float(r["r_free"])) and np.isfinite(float(r["r_work"])) and r["rscc_region"] != ""
+    record = json.loads((out / "results" / f"{rows['xray']['key']}.json").read_text())
+    assert record["metrics"]["r_free"] == pytest.approx(record["metrics"]["xray_r_free_run"], abs=1e-3)
+    assert "mean R-free" in (out / "report.md").read_text()
+    again = bench(*args)
+    assert again.returncode == 0 and "2 already finished" in again.stderr, again.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")
@@ -117,8 +231,9 @@ def test_ci_bench_writes_results_report_and_plots(ci_bench):
     assert "Recovery of altloc B" in report and "| 6b8x |" in report and "| 1vme |" in report
     assert (out / "plots" / "tradeoff.png").stat().st_size > 0 and (out / "plots" / "recovery.png").stat().st_size > 0
     for r in rows:  # every metric of the issue is there
-        for k in ("rscc_region", "cc_box", "best_rmsd_A", "best_rmsd_B", "recovered_B", "fraction_error_B", "lddt_A",
-                  "lddt_B", "clashes_per_1000_atoms", "bond_rmsz", "angle_rmsz", "wall_s"):
+        for k in ("rscc_region", "cc_box", "r_work", "r_free", "best_rmsd_A", "best_rmsd_B", "recovered_B",
+                  "fraction_error_B", "lddt_A", "lddt_B", "clashes_per_1000_atoms", "bond_rmsz", "angle_rmsz",
+                  "wall_s"):
             if r["entry"] == "TRS" and k in ("bond_rmsz", "angle_rmsz", "lddt_A", "lddt_B"):
                 # Tris, one non-protein residue: no Engh & Huber geometry, no inter-residue pair for LDDT
                 assert r[k] in ("", "nan"), (r["key"], k)
@@ -147,7 +262,8 @@ def test_fk_recovers_b_in_more_entries_than_no_guidance(ci_bench):
     report = (out / "report.md").read_text()
     n = len({r["entry"] for r in rows})
     for g in ("none", "fk"):
-        assert f"| rotamers | {g} | 1 | none | {len(recovered[g])}/{n} ({', '.join(recovered[g]) or '-'}) |" in report
+        assert (f"| rotamers | {g} | density | 1 | none | {len(recovered[g])}/{n} ({', '.join(recovered[g]) or '-'}) |"
+                in report)
 
 
 def test_a_killed_bench_resumes_without_redoing_finished_jobs(tmp_path, peptides):

@@ -349,3 +349,19 @@ def test_score_mode_reports_r_values_and_guided_runs_use_the_amplitudes(shared_d
         assert "refitted" in (d / "run.log").read_text()
         assert (d / "plots" / "r_by_resolution.png").stat().st_size > 0
         assert sum(b["n_free"] for b in rep["bins"]) == rep["n_free"]
+
+
+def test_sampling_sets_up_the_data_model_from_the_priors_conformers_only(shared_data):
+    """In sample mode the conformer weights handed to the observables keep only the conformers the prior is built
+    from (a benchmark's hidden altloc B gets weight 0), so the X-ray observable's first bulk-solvent and scale fit
+    does not see the answer; without a choice every conformer keeps its weight."""
+    from guidance.run import structure_atoms
+    from guidance.structure import match_layouts
+
+    conf = read_structure(shared_data("structures/multiconf-peptides/AWA_2conf.pdb"))
+    match = match_layouts(conf.layout, conf.layout)
+    only_a = structure_atoms(conf, conf.layout, match, ["A"])
+    np.testing.assert_allclose(only_a["weights"], [1.0, 0.0])
+    np.testing.assert_allclose(structure_atoms(conf, conf.layout, match)["weights"], conf.weights, rtol=1e-6)
+    atoms = AtomInfo.from_layout(conf.layout, coords=conf.coords, **only_a)
+    assert atoms.b_iso.shape == (len(conf.layout),) and atoms.occupancy.shape == (len(conf.layout),)
