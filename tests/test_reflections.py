@@ -71,6 +71,12 @@ def by_hkl(refl: Reflections) -> dict:
     return {tuple(int(x) for x in h): i for i, h in enumerate(refl.hkl)}
 
 
+def rows_of(refl: Reflections, hkl) -> np.ndarray:
+    """The row of each of ``hkl`` in ``refl`` (every one must be there)."""
+    index = by_hkl(refl)
+    return np.array([index[tuple(int(x) for x in h)] for h in hkl])
+
+
 def note_count(notes, pattern: str) -> int:
     """The number at the start of the note that matches ``pattern`` (a regex after the number); 0 if none does."""
     for note in notes:
@@ -162,8 +168,7 @@ def test_5e5z_french_wilson_amplitudes_match_the_deposited_ones(shared_data):
     assert fw.columns == ["I", "SIGI"]
     assert any("French & Wilson" in n for n in fw.notes)
     assert len(fw) == 403 and int(fw.free.sum()) == 18
-    index = by_hkl(fp)
-    j = np.array([index[tuple(int(x) for x in h)] for h in fw.hkl])
+    j = rows_of(fp, fw.hkl)
     f_dep, s_dep = fp.f_obs[j], fp.sigma[j]
     assert np.array_equal(fp.free[j], fw.free)
     assert np.corrcoef(f_dep, fw.f_obs)[0, 1] > 0.99
@@ -270,8 +275,7 @@ def test_auto_finds_unusually_named_amplitudes_by_type(tmp_path):
     refl = read_reflections(path)
     assert refl.columns == ["FOBS_X", "SIGFOBS_X"]
     assert len(refl) == n
-    index = by_hkl(refl)
-    j = np.array([index[tuple(int(x) for x in h)] for h in hkl])
+    j = rows_of(refl, hkl)
     np.testing.assert_allclose(refl.f_obs[j], f, rtol=1e-6)
     np.testing.assert_allclose(refl.sigma[j], sig, rtol=1e-6)
 
@@ -336,8 +340,7 @@ def test_friedel_pairs_are_averaged(tmp_path):
     assert refl.columns == ["F(+)", "SIGF(+)", "F(-)", "SIGF(-)"]
     assert any("Friedel" in note and "averaged" in note for note in refl.notes)
     assert len(refl) == n
-    index = by_hkl(refl)
-    j = np.array([index[tuple(int(x) for x in h)] for h in hkl])
+    j = rows_of(refl, hkl)
     both = np.ones(n, bool)
     both[only_plus] = both[only_minus] = False
     np.testing.assert_allclose(refl.f_obs[j][both], 0.5 * (fp[both] + fm[both]), rtol=1e-6)
@@ -369,8 +372,7 @@ def test_phenix_two_valued_flags_free_is_one(tmp_path):
     flags = (rng.uniform(size=n) < 0.1).astype(np.float64)
     path, hkl = _flagged_mtz(tmp_path, "R-free-flags", flags)
     refl = read_reflections(path)
-    index = by_hkl(refl)
-    j = np.array([index[tuple(int(x) for x in h)] for h in hkl])
+    j = rows_of(refl, hkl)
     assert np.array_equal(refl.free[j], flags == 1)
     assert refl.free_rule.startswith("R-free-flags == 1") and "Phenix" in refl.free_rule
 
@@ -385,8 +387,7 @@ def test_ccp4_twenty_valued_flags_free_is_zero_even_when_not_the_smallest(tmp_pa
     assert values[np.argmin(counts)] == 7
     path, hkl = _flagged_mtz(tmp_path, "FreeR_flag", flags)
     refl = read_reflections(path)
-    index = by_hkl(refl)
-    j = np.array([index[tuple(int(x) for x in h)] for h in hkl])
+    j = rows_of(refl, hkl)
     assert np.array_equal(refl.free[j], flags == 0)
     assert refl.free_rule.startswith("FreeR_flag == 0") and "CCP4" in refl.free_rule
 
@@ -411,8 +412,7 @@ def test_free_flag_value_overrides_detection(tmp_path):
     flags_phenix = 1.0 - flags  # 1 the minority
     path, hkl = _flagged_mtz(tmp_path, "R-free-flags", flags_phenix)
     refl = read_reflections(path, free_flag_value=0)
-    index = by_hkl(refl)
-    j = np.array([index[tuple(int(x) for x in h)] for h in hkl])
+    j = rows_of(refl, hkl)
     assert np.array_equal(refl.free[j], flags_phenix == 0)
     assert refl.free.mean() > 0.8
     assert "(given)" in refl.free_rule
@@ -501,7 +501,7 @@ def test_weak_intensities_give_positive_french_wilson_amplitudes(tmp_path):
     neg = kept & (i_obs < 0)
     assert neg.sum() > 50
     # a negative intensity gives a smaller amplitude than any clearly positive one in the same data
-    j = np.array([index[tuple(int(x) for x in h)] for h in hkl[kept]])
+    j = rows_of(refl, hkl[kept])
     f_by_row = np.full(n, np.nan)
     f_by_row[kept] = refl.f_obs[j]
     assert np.nanmax(f_by_row[neg]) < np.nanmin(f_by_row[kept & (i_obs > 10 * sig_i)])
