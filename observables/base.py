@@ -47,6 +47,19 @@ class Crystal:
                 return f"cell {name} {x:.2f} vs {y:.2f} deg"
         return None
 
+    def check_structure(self, structure: "Crystal", what: str, option: str, allow: bool, error: type) -> str | None:
+        """Refuse a structure from another crystal than these data (``what``: "map", "data"): raises ``error`` with one
+        line naming both crystals and the option ``option`` that allows it; with ``allow``, returns that line as a note
+        instead.  None when they agree."""
+        why = self.mismatch(structure)
+        if why is None:
+            return None
+        message = (f"the structure is from another crystal than the {what}: structure {structure.describe()}, {what} "
+                   f"{self.describe()} ({why}); set {option}=true to use it anyway")
+        if not allow:
+            raise error(message)
+        return message.split(";")[0] + " (allowed)"
+
 
 @dataclass(frozen=True)
 class FixedAtoms:

@@ -840,14 +840,10 @@ class DensityObservable:
             if not value > 0:
                 raise ValueError(f"{label} must be > 0, got {value}")
         if info.crystal is not None and atoms.crystal is not None:
-            why = info.crystal.mismatch(atoms.crystal)
-            if why is not None:
-                message = (f"the structure is from another crystal than the map: structure {atoms.crystal.describe()}, "
-                           f"map {info.crystal.describe()} ({why}); set observables.density.allow_other_crystal=true "
-                           "to use it anyway")
-                if not allow_other_crystal:
-                    raise MapError(message)
-                self.notes.append(message.split(";")[0] + " (allowed)")
+            note = info.crystal.check_structure(atoms.crystal, "map", "observables.density.allow_other_crystal",
+                                                allow_other_crystal, MapError)
+            if note:
+                self.notes.append(note)
         reference = np.asarray(atoms.coords, dtype=np.float64)
         if reference.ndim == 2:
             reference = reference[None]

@@ -54,6 +54,7 @@ import gemmi
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.special
 
 from observables.base import AtomInfo, Crystal, FixedAtoms, register
 from observables.form_factors import normalise_element
@@ -263,33 +264,17 @@ class _Scaler:
 # the ML target
 
 
-def _log_i0(x):
-    return x + jnp.log(jax.scipy.special.i0e(x))
-
-
-def _log_cosh(x):
-    a = jnp.abs(x)
-    return a + jnp.log1p(jnp.exp(-2.0 * a)) - math.log(2.0)
-
-
-def _ml_terms(f_obs, f_model_abs, d, var, centric):
-    """Per-reflection log p(Fo | Fm) of the module docstring (nats)."""
+def _ml_terms(f_obs, f_model_abs, d, var, centric, xp=jnp):
+    """Per-reflection log p(Fo | Fm) of the module docstring (nats); ``xp`` = jax.numpy (guidance, float32) or numpy
+    (fitting sigma_A, float64).  log I0(y) = y + log(i0e(y)) and log cosh(x) = |x| + log1p(exp(-2|x|)) - log 2 stay
+    finite for large arguments."""
+    i0e = jax.scipy.special.i0e if xp is jnp else scipy.special.i0e
     x = f_obs * d * f_model_abs / var
-    acentric = jnp.log(2.0 * f_obs / var) - (f_obs**2 + (d * f_model_abs) ** 2) / var + _log_i0(2.0 * x)
-    centric_t = 0.5 * jnp.log(2.0 / (math.pi * var)) - (f_obs**2 + (d * f_model_abs) ** 2) / (2.0 * var) + _log_cosh(x)
-    return jnp.where(centric, centric_t, acentric)
-
-
-def _ml_terms_np(f_obs, f_model_abs, d, var, centric):
-    """``_ml_terms`` in float64 NumPy (for fitting sigma_A)."""
-    from scipy.special import i0e
-
-    x = f_obs * d * f_model_abs / var
-    acentric = np.log(2.0 * f_obs / var) - (f_obs**2 + (d * f_model_abs) ** 2) / var + 2.0 * x + np.log(i0e(2.0 * x))
-    a = np.abs(x)
-    centric_t = (0.5 * np.log(2.0 / (math.pi * var)) - (f_obs**2 + (d * f_model_abs) ** 2) / (2.0 * var)
-                 + a + np.log1p(np.exp(-2.0 * a)) - math.log(2.0))
-    return np.where(centric, centric_t, acentric)
+    acentric = xp.log(2.0 * f_obs / var) - (f_obs**2 + (d * f_model_abs) ** 2) / var + 2.0 * x + xp.log(i0e(2.0 * x))
+    a = xp.abs(x)
+    centric_t = (0.5 * xp.log(2.0 / (math.pi * var)) - (f_obs**2 + (d * f_model_abs) ** 2) / (2.0 * var)
+                 + a + xp.log1p(xp.exp(-2.0 * a)) - math.log(2.0))
+    return xp.where(centric, centric_t, acentric)
 
 
 def _bins(stol2: np.ndarray, mask: np.ndarray, per_bin: int = 100, max_bins: int = 20) -> np.ndarray:
@@ -442,7 +427,6 @@ class XrayObservable:
             return -0.5 * jnp.sum(jnp.where(work, r2, 0.0))
 
         self._f_calc = jax.jit(f_calc)
-        self._target = target_value
         self._f_model_abs = jax.jit(f_model_abs)
         self._ll = jax.jit(lambda state, coords, weights: target_value(state, f_calc(coords, weights)))
         def weighted(preds, weights):  # real and imaginary parts apart: the weights' gradient stays real
@@ -460,14 +444,10 @@ class XrayObservable:
         if mine is None:
             self.notes.append(f"the structure has no unit cell; assuming the data's {self.crystal_data.describe()}")
             return
-        why = self.crystal_data.mismatch(mine)
-        if why is not None:
-            message = (f"the structure is from another crystal than the data: structure {mine.describe()}, data "
-                       f"{self.crystal_data.describe()} ({why}); set observables.xray.allow_other_crystal=true to "
-                       "score it anyway")
-            if not allow:
-                raise ReflectionError(message)
-            self.notes.append(message.split(";")[0] + " (allowed)")
+        note = self.crystal_data.check_structure(mine, "data", "observables.xray.allow_other_crystal", allow,
+                                                 ReflectionError)
+        if note:
+            self.notes.append(note)
 
     def _fixed_f(self, env: FixedAtoms | None, rate: float) -> np.ndarray:
         if env is None or len(env) == 0:
@@ -529,7 +509,7 @@ class XrayObservable:
             se = sig[w] / np.sqrt(eps[w] * so)
             sa = SIGMAA_GRID[:, None]
             v = 1.0 - sa**2 + np.where(cen[w], se**2, 2.0 * se**2)[None, :]
-            ll = np.sum(_ml_terms_np(eo[None, :], ec[None, :], sa, v, cen[w][None, :]), axis=1)
+            ll = np.sum(_ml_terms(eo[None, :], ec[None, :], sa, v, cen[w][None, :], xp=np), axis=1)
             best = float(SIGMAA_GRID[int(np.argmax(ll))])
             sigmaa.append(best)
             d[in_bin] = best * np.sqrt(so / sc)
