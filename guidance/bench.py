@@ -75,7 +75,6 @@ GUIDING = ("density", "xray")  # the data a job can be guided by (grid.observabl
 # and B_sol = 46 A^2 (Fokine & Urzhumtsev 2002, Acta Cryst. D58, 1387: the means over a set of PDB entries).
 K_SOL = 0.35  # e/A^3
 B_SOL = 46.0  # A^2
-MASK_PROBE, MASK_SHRINK = 1.1, 0.9  # A: solvent probe and shrink radii of the mask (the cctbx / Phenix defaults)
 
 
 class BenchError(ValueError):
@@ -355,33 +354,6 @@ def prepare_entry(entry: Entry, work: Path, *, min_span: int = 2, carve: float |
                     ("A", "B"), list(conf.ids), crystal, source)
 
 
-def _gemmi_atoms(xyz: np.ndarray, element: np.ndarray, occupancy: np.ndarray, b_factor: float):
-    """A gemmi Structure of one model holding atoms ``xyz [M, 3]`` with their elements, occupancies (atoms of
-    occupancy 0 left out) and one isotropic ``b_factor`` (A^2), as one residue; no cell."""
-    import gemmi
-
-    st = gemmi.Structure()
-    model = gemmi.Model("1")
-    chain = gemmi.Chain("A")
-    res = gemmi.Residue()
-    res.name = "UNL"
-    res.seqid = gemmi.SeqId(1, " ")
-    for pos, el, occ in zip(xyz, element, occupancy):
-        if occ <= 0:
-            continue
-        atom = gemmi.Atom()
-        atom.name = el
-        atom.element = gemmi.Element(el)
-        atom.pos = gemmi.Position(*map(float, pos))
-        atom.occ = float(occ)
-        atom.b_iso = float(b_factor)
-        res.add_atom(atom)
-    chain.add_residue(res)
-    model.add_chain(chain)
-    st.add_model(model)
-    return st
-
-
 def mixture_atoms(prep: Prepared, occupancy_b: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The A/B mixture as atoms: A at 1 - b and B at b where the states differ, once at full occupancy where they
     coincide -> (xyz [M, 3], element [M], occupancy [M])."""
@@ -400,8 +372,9 @@ def _gemmi_density(xyz: np.ndarray, element: np.ndarray, occupancy: np.ndarray, 
     import gemmi
 
     from observables.density import resolution_blur
+    from observables.xray import atoms_structure
 
-    st = _gemmi_atoms(xyz, element, occupancy, b_factor)
+    st = atoms_structure(element, xyz, occupancy, b_factor)
     size = np.asarray(size, dtype=int)
     st.cell = gemmi.UnitCell(*(size * np.asarray(spacing)).tolist(), 90, 90, 90)
     dc = gemmi.DensityCalculatorX()
@@ -451,8 +424,8 @@ def synthetic_amplitudes(prep: Prepared, occupancy_b: float, resolution: float, 
 
     F_calc by gemmi's DensityCalculatorX (IT92 form factors, symmetry copies of the atoms, with gemmi's Refmac-like
     blur against aliasing, removed again) and FFT (``transform_map_to_f_phi``); F_mask the FFT of gemmi's flat
-    solvent mask (1 in the solvent; ``SolventMasker`` with cctbx's radii, probe ``MASK_PROBE``, shrink
-    ``MASK_SHRINK``) on a grid of spacing resolution / 4.  Noise: F_obs = |F| + N(0, sigma), sigma = ``f_noise`` |F|
+    solvent mask (1 in the solvent; observables.xray.bulk_solvent_mask: gemmi's ``SolventMasker`` with cctbx's radii,
+    probe 1.1 A, shrink 0.9 A) on a grid of spacing resolution / 4.  Noise: F_obs = |F| + N(0, sigma), sigma = ``f_noise`` |F|
     (the SIGFP column; a negative draw, vanishingly rare at small f_noise, is reflected).  Free set: a seeded random
     ``free_fraction`` of the reflections, FreeR_flag 0 (CCP4's free value; the rest 1).  Written as MTZ (FP, SIGFP,
     FreeR_flag) atomically and read back with observables.reflections.read_reflections; an existing file of the
@@ -460,6 +433,7 @@ def synthetic_amplitudes(prep: Prepared, occupancy_b: float, resolution: float, 
     import gemmi
 
     from observables.reflections import read_reflections
+    from observables.xray import atoms_structure, bulk_solvent_mask
 
     if prep.crystal is None:
         raise BenchError(f"{prep.entry.name}: the carved model has no crystal (the entry has an experimental map); "
@@ -475,10 +449,7 @@ def synthetic_amplitudes(prep: Prepared, occupancy_b: float, resolution: float, 
     if not 0 < free_fraction < 0.5:
         raise BenchError(f"synthetic.free_fraction={free_fraction}: give a fraction in (0, 0.5), e.g. 0.05")
     xyz, element, occ = mixture_atoms(prep, occupancy_b)
-    st = _gemmi_atoms(xyz, element, occ, b_factor)
-    st.cell = cell
-    st.spacegroup_hm = sg.hm
-    st.setup_cell_images()
+    st = atoms_structure(element, xyz, occ, b_factor, cell=cell, space_group=sg)
     dc = gemmi.DensityCalculatorX()
     dc.d_min = float(resolution)
     dc.set_refmac_compatible_blur(st[0])
@@ -488,11 +459,7 @@ def synthetic_amplitudes(prep: Prepared, occupancy_b: float, resolution: float, 
     asu = f_grid.prepare_asu_data(dmin=float(resolution), with_000=False, with_sys_abs=False)
     hkl = np.array(asu.miller_array, dtype=np.int32)
     f_calc = np.asarray(f_grid.get_value_by_hkl(hkl, unblur=dc.blur), np.complex128)
-    mask = gemmi.FloatGrid()
-    mask.setup_from(st, float(resolution) / 4.0)
-    masker = gemmi.SolventMasker(gemmi.AtomicRadiiSet.Cctbx)
-    masker.rprobe, masker.rshrink = MASK_PROBE, MASK_SHRINK
-    masker.put_mask_on_float_grid(mask, st[0])
+    _, mask = bulk_solvent_mask(cell, sg, element[occ > 0], xyz[occ > 0], float(resolution))
     f_mask = np.asarray(gemmi.transform_map_to_f_phi(mask, half_l=True).get_value_by_hkl(hkl), np.complex128)
     inv_d2 = cell.calculate_1_d2_array(hkl.astype(np.float64))
     f_abs = np.abs(f_calc + K_SOL * np.exp(-B_SOL * inv_d2 / 4.0) * f_mask)

@@ -61,7 +61,8 @@ from observables.form_factors import normalise_element
 from observables.reflections import ReflectionError, Reflections, read_reflections
 from observables.sfcalc import StructureFactorModel, b_range, miller_stol2, symmetry_ops
 
-__all__ = ["MASK_PROBE", "MASK_SHRINK", "XrayObservable", "XrayState", "bulk_solvent_mask", "r_factor"]
+__all__ = ["MASK_PROBE", "MASK_SHRINK", "XrayObservable", "XrayState", "atoms_structure", "bulk_solvent_mask",
+           "r_factor"]
 
 log = logging.getLogger(__name__)
 
@@ -108,28 +109,43 @@ class XrayState:
 # bulk solvent
 
 
-def bulk_solvent_mask(cell: gemmi.UnitCell, space_group: gemmi.SpaceGroup, elements, xyz, d_min: float,
-                      probe: float = MASK_PROBE, shrink: float = MASK_SHRINK) -> tuple[np.ndarray, gemmi.FloatGrid]:
-    """The flat solvent mask (1 solvent, 0 macromolecule) of atoms ``xyz [A, 3]`` (A) and all their symmetry copies
-    on a symmetry-compatible grid of spacing ~d_min / 4: (values [nu, nv, nw] float32, the gemmi grid)."""
+def atoms_structure(elements, xyz, occupancy=None, b_iso=None, *, cell: gemmi.UnitCell | None = None,
+                    space_group: gemmi.SpaceGroup | None = None) -> gemmi.Structure:
+    """Atoms ``xyz [A, 3]`` (A) with ``elements`` as a one-model gemmi Structure (one residue), for gemmi's own
+    calculators: ``occupancy`` [A] (default 1; atoms at occupancy <= 0 are left out), ``b_iso`` [A] or a scalar
+    (A^2, default gemmi's), and the crystal (``cell``, ``space_group``) with its symmetry images set up when given."""
+    xyz = np.asarray(xyz, np.float64).reshape(-1, 3)
+    occupancy = np.ones(len(xyz)) if occupancy is None else np.asarray(occupancy, np.float64)
     st = gemmi.Structure()
-    st.cell = cell
-    st.spacegroup_hm = space_group.xhm()
-    model = gemmi.Model("1")
-    chain = gemmi.Chain("A")
-    res = gemmi.Residue()
-    res.name = "UNK"
-    for i, (el, p) in enumerate(zip(elements, np.asarray(xyz, np.float64))):
+    model, chain, res = gemmi.Model("1"), gemmi.Chain("A"), gemmi.Residue()
+    res.name, res.seqid = "UNL", gemmi.SeqId(1, " ")
+    b = None if b_iso is None else np.broadcast_to(np.asarray(b_iso, np.float64), (len(xyz),))
+    for i, (el, p, occ) in enumerate(zip(elements, xyz, occupancy)):
+        if occ <= 0:
+            continue
         atom = gemmi.Atom()
-        atom.name = "X"
+        atom.name = normalise_element(el).upper()
         atom.element = gemmi.Element(normalise_element(el))
         atom.pos = gemmi.Position(*p)
-        atom.occ = 1.0
+        atom.occ = float(occ)
+        if b is not None:
+            atom.b_iso = float(b[i])
         res.add_atom(atom)
     chain.add_residue(res)
     model.add_chain(chain)
     st.add_model(model)
-    st.setup_cell_images()
+    if cell is not None:
+        st.cell = cell
+        st.spacegroup_hm = (space_group or gemmi.SpaceGroup("P 1")).xhm()
+        st.setup_cell_images()
+    return st
+
+
+def bulk_solvent_mask(cell: gemmi.UnitCell, space_group: gemmi.SpaceGroup, elements, xyz, d_min: float,
+                      probe: float = MASK_PROBE, shrink: float = MASK_SHRINK) -> tuple[np.ndarray, gemmi.FloatGrid]:
+    """The flat solvent mask (1 solvent, 0 macromolecule) of atoms ``xyz [A, 3]`` (A) and all their symmetry copies
+    on a symmetry-compatible grid of spacing ~d_min / 4: (values [nu, nv, nw] float32, the gemmi grid)."""
+    st = atoms_structure(elements, xyz, cell=cell, space_group=space_group)
     grid = gemmi.FloatGrid()
     grid.setup_from(st, d_min / MASK_STEP_FACTOR)
     masker = gemmi.SolventMasker(gemmi.AtomicRadiiSet.Cctbx)

@@ -32,7 +32,7 @@ import numpy as np
 
 from observables.base import AtomInfo, Crystal
 from observables.reflections import Reflections
-from observables.xray import XrayObservable
+from observables.xray import XrayObservable, atoms_structure
 
 SOURCE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "structures" / "altloc" / "6NI6_single_001.pdb"
 DALTON_PER_ATOM = 14.0  # heavy atom + its share of hydrogens, Da
@@ -71,25 +71,6 @@ def crystal(n_atoms: int, seed: int):
     b_iso = np.tile(b, reps)[:n_atoms].astype(np.float32)
     cell = gemmi.UnitCell(*edges, 90, 90, 90)
     return cell, gemmi.SpaceGroup("P 21 21 21"), elements, coords, b_iso, what
-
-
-def gemmi_structure(cell, sg, elements, coords, b_iso) -> gemmi.Structure:
-    st = gemmi.Structure()
-    st.cell = cell
-    st.spacegroup_hm = sg.xhm()
-    model, chain = gemmi.Model("1"), gemmi.Chain("A")
-    for i in range(0, len(elements), 1000):
-        res = gemmi.Residue()
-        res.name, res.seqid = "UNK", gemmi.SeqId(i // 1000 + 1, " ")
-        for el, p, b in zip(elements[i:i + 1000], coords[i:i + 1000], b_iso[i:i + 1000]):
-            a = gemmi.Atom()
-            a.name, a.element, a.pos, a.b_iso, a.occ = el, gemmi.Element(el), gemmi.Position(*map(float, p)), float(b), 1.0
-            res.add_atom(a)
-        chain.add_residue(res)
-    model.add_chain(chain)
-    st.add_model(model)
-    st.setup_cell_images()
-    return st
 
 
 def gemmi_forward(st: gemmi.Structure, d_min: float):
@@ -132,7 +113,7 @@ def median_ms(fn, repeats: int) -> float:
 
 def run_case(n_atoms: int, d_min: float, repeats: int, members: int, seed: int) -> dict:
     cell, sg, elements, coords, b_iso, what = crystal(n_atoms, seed)
-    st = gemmi_structure(cell, sg, elements, coords, b_iso)
+    st = atoms_structure(elements, coords, None, b_iso, cell=cell, space_group=sg)
     gemmi_forward(st, d_min)  # warm
     t_gemmi = median_ms(lambda: gemmi_forward(st, d_min), repeats)
     sf, dc = gemmi_forward(st, d_min)
