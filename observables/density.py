@@ -47,6 +47,7 @@ __all__ = [
     "atom_density",
     "form_factor_coefficients",
     "map_info",
+    "read_map_and_info",
     "read_map",
     "resolution_blur",
     "synthetic_map",
@@ -491,11 +492,9 @@ def _resample(
     return DensityMap(values=values, origin=origin, spacing=step)
 
 
-def _read_ccp4(path: Path, box_around: np.ndarray | None) -> tuple[gemmi.FloatGrid, np.ndarray, tuple]:
-    try:
-        ccp4 = gemmi.read_ccp4_map(str(path))
-    except Exception as exc:  # gemmi raises RuntimeError/ValueError/OSError with its own words
-        raise MapError(f"cannot read CCP4/MRC map {path}: {exc}") from None
+def _read_ccp4(
+    ccp4: gemmi.Ccp4Map, path: Path, box_around: np.ndarray | None
+) -> tuple[gemmi.FloatGrid, np.ndarray, tuple]:
     words = [ccp4.header_i32(i) for i in range(1, 20)]
     count_crs, start_crs, sampling_xyz, axis_crs = words[0:3], words[4:7], words[7:10], words[16:19]
     if sorted(axis_crs) != [1, 2, 3]:
@@ -557,23 +556,12 @@ class MapInfo:
     resolution_source: str
 
 
-def map_info(path: str | Path) -> MapInfo:
-    """Resolution and crystal of a map file (see ``MapInfo``); ``MapError`` when unreadable."""
-    path = Path(path)
-    if not path.is_file():
-        raise MapError(f"map file not found: {path}")
-    name = path.name.lower().removesuffix(".gz")
-    if name.endswith(".mtz"):
-        try:
-            mtz = gemmi.read_mtz_file(str(path))
-        except Exception as exc:
-            raise MapError(f"cannot read MTZ file {path}: {exc}") from None
-        crystal = Crystal(tuple(mtz.cell.parameters), mtz.spacegroup.xhm()) if mtz.spacegroup is not None else None
-        return MapInfo(float(mtz.resolution_high()), crystal, "the MTZ's high-resolution limit")
-    try:
-        ccp4 = gemmi.read_ccp4_map(str(path))
-    except Exception as exc:
-        raise MapError(f"cannot read CCP4/MRC map {path}: {exc}") from None
+def _mtz_info(mtz: gemmi.Mtz) -> MapInfo:
+    crystal = Crystal(tuple(mtz.cell.parameters), mtz.spacegroup.xhm()) if mtz.spacegroup is not None else None
+    return MapInfo(float(mtz.resolution_high()), crystal, "the MTZ's high-resolution limit")
+
+
+def _ccp4_info(ccp4: gemmi.Ccp4Map) -> MapInfo:
     n_labels = max(0, min(10, ccp4.header_i32(56)))
     resolution, source = None, "none in the header"
     for k in range(n_labels):
@@ -591,6 +579,31 @@ def map_info(path: str | Path) -> MapInfo:
     return MapInfo(resolution, crystal, source)
 
 
+def map_info(path: str | Path) -> MapInfo:
+    """Resolution and crystal of a map file (see ``MapInfo``); ``MapError`` when unreadable.  (``read_map_and_info``
+    gives them with the map from one read of the file.)"""
+    path = Path(path)
+    if not path.is_file():
+        raise MapError(f"map file not found: {path}")
+    if path.name.lower().removesuffix(".gz").endswith(".mtz"):
+        return _mtz_info(_read_mtz(path))
+    return _ccp4_info(_read_ccp4_file(path))
+
+
+def _read_mtz(path: Path) -> gemmi.Mtz:
+    try:
+        return gemmi.read_mtz_file(str(path))
+    except Exception as exc:
+        raise MapError(f"cannot read MTZ file {path}: {exc}") from None
+
+
+def _read_ccp4_file(path: Path) -> gemmi.Ccp4Map:
+    try:
+        return gemmi.read_ccp4_map(str(path))
+    except Exception as exc:  # gemmi raises RuntimeError/ValueError/OSError with its own words
+        raise MapError(f"cannot read CCP4/MRC map {path}: {exc}") from None
+
+
 def read_map(
     path: str | Path,
     *,
@@ -599,6 +612,19 @@ def read_map(
     box_around: np.ndarray | None = None,
     padding: float = 5.0,
 ) -> DensityMap:
+    """The map of ``read_map_and_info``, without its ``MapInfo``."""
+    return read_map_and_info(path, mtz_columns=mtz_columns, spacing=spacing, box_around=box_around,
+                             padding=padding)[0]
+
+
+def read_map_and_info(
+    path: str | Path,
+    *,
+    mtz_columns: str = "auto",
+    spacing: float | None = None,
+    box_around: np.ndarray | None = None,
+    padding: float = 5.0,
+) -> tuple[DensityMap, MapInfo]:
     """Read a CCP4/MRC map (.ccp4/.mrc/.map, optionally .gz) or MTZ map coefficients onto an orthogonal box grid.
 
     ``box_around [M, 3]`` (A): the box spans these points plus ``padding`` (A) on each side; without it, the file's
@@ -607,6 +633,7 @@ def read_map(
     and for non-orthogonal cells, values are interpolated (tricubic, gemmi).  MTZ coefficients are Fourier transformed
     by gemmi at a grid spacing of about d_min / 4 (finer when ``spacing`` asks for it).  A partial CCP4 map (not the
     full cell) must contain the model's bounding box; box voxels outside its data get the mean of those inside.
+    Returns the map and what the file says of itself (``MapInfo``: resolution, crystal), from one read of the file.
     Errors: ``MapError`` for a missing/unreadable file, unknown format, missing MTZ columns or no coverage.
     """
     path = Path(path)
@@ -619,12 +646,12 @@ def read_map(
     suffixes = [s.lower() for s in path.suffixes]
     suffix = suffixes[-2] if suffixes and suffixes[-1] == ".gz" and len(suffixes) > 1 else (suffixes or [""])[-1]
     if suffix in _CCP4_SUFFIXES:
-        grid, shift, block = _read_ccp4(path, box_around)
+        ccp4 = _read_ccp4_file(path)
+        info = _ccp4_info(ccp4)
+        grid, shift, block = _read_ccp4(ccp4, path, box_around)
     elif suffix == ".mtz":
-        try:
-            mtz = gemmi.read_mtz_file(str(path))
-        except Exception as exc:
-            raise MapError(f"cannot read MTZ file {path}: {exc}") from None
+        mtz = _read_mtz(path)
+        info = _mtz_info(mtz)
         f, phi = _mtz_column_pair(mtz, mtz_columns, path)
         rate = 4.0 if spacing is None else max(4.0, mtz.resolution_high() / float(spacing))
         try:
@@ -634,9 +661,10 @@ def read_map(
         shift, block = np.zeros(3), None
     else:
         raise MapError(f"unknown map format {path.name!r}: expected .ccp4, .mrc, .map (CCP4/MRC) or .mtz")
-    return _resample(
+    density_map = _resample(
         grid, shift=shift, spacing=spacing, box_around=box_around, padding=padding, block=block, source=path
     )
+    return density_map, info
 
 
 def write_ccp4(path: str | Path, density_map: DensityMap) -> Path:
@@ -824,26 +852,9 @@ class DensityObservable:
         if kind not in KINDS:
             raise ValueError(f"unknown density kind {kind!r}; use one of {KINDS}")
         self.notes: list[str] = []
-        if isinstance(map, DensityMap):
-            info = MapInfo(map.resolution, None, "the in-memory map" if map.resolution is not None else "none")
-        else:
-            info = map_info(map)
-        if resolution is None:
-            if info.resolution is None:
-                where = "the in-memory map" if isinstance(map, DensityMap) else str(map)
-                raise MapError(f"{where} does not say its resolution; give it with observables.density.resolution=<A>")
-            resolution = info.resolution
-            self.resolution_source = info.resolution_source
-        else:
-            self.resolution_source = "given"
-        for label, value in (("resolution", resolution), ("sigma", sigma), ("mask_radius", mask_radius)):
+        for label, value in (("sigma", sigma), ("mask_radius", mask_radius)):
             if not value > 0:
                 raise ValueError(f"{label} must be > 0, got {value}")
-        if info.crystal is not None and atoms.crystal is not None:
-            note = info.crystal.check_structure(atoms.crystal, "map", "observables.density.allow_other_crystal",
-                                                allow_other_crystal, MapError)
-            if note:
-                self.notes.append(note)
         reference = np.asarray(atoms.coords, dtype=np.float64)
         if reference.ndim == 2:
             reference = reference[None]
@@ -867,8 +878,25 @@ class DensityObservable:
                     "in-memory maps keep their grid (leave spacing=None)"
                 )
             grid = _crop(map, points, padding)
+            info = MapInfo(map.resolution, None, "the in-memory map" if map.resolution is not None else "none")
         else:
-            grid = read_map(map, mtz_columns=mtz_columns, spacing=spacing, box_around=points, padding=padding)
+            grid, info = read_map_and_info(map, mtz_columns=mtz_columns, spacing=spacing, box_around=points,
+                                           padding=padding)
+        if resolution is None:
+            if info.resolution is None:
+                where = "the in-memory map" if isinstance(map, DensityMap) else str(map)
+                raise MapError(f"{where} does not say its resolution; give it with observables.density.resolution=<A>")
+            resolution = info.resolution
+            self.resolution_source = info.resolution_source
+        else:
+            self.resolution_source = "given"
+        if not resolution > 0:
+            raise ValueError(f"resolution must be > 0, got {resolution}")
+        if info.crystal is not None and atoms.crystal is not None:
+            note = info.crystal.check_structure(atoms.crystal, "map", "observables.density.allow_other_crystal",
+                                                allow_other_crystal, MapError)
+            if note:
+                self.notes.append(note)
         if not np.all(np.isfinite(grid.values)):
             raise MapError("the map has non-finite values (NaN/inf) in the box around the model")
         self.grid = grid
