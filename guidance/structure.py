@@ -191,10 +191,15 @@ def _collect_model(model: gemmi.Model, path: Path, hydrogens: bool) -> dict[Atom
                 if alt in site.alts:
                     label = f" altloc {alt}" if alt else ""
                     raise StructureError(f"{path}: {where} lists atom {atom.name}{label} twice")
-                p, u = atom.pos, atom.aniso
-                aniso = (u.u11, u.u22, u.u33, u.u12, u.u13, u.u23) if u.nonzero() else (0.0,) * 6
-                site.alts[alt] = ((p.x, p.y, p.z), float(atom.occ), float(atom.b_iso), aniso)
+                p = atom.pos
+                site.alts[alt] = ((p.x, p.y, p.z), float(atom.occ), float(atom.b_iso), _aniso(atom))
     return sites
+
+
+def _aniso(atom: gemmi.Atom) -> tuple:
+    """An atom's anisotropic U (U11, U22, U33, U12, U13, U23; Cartesian A^2), zeros when it has none."""
+    u = atom.aniso
+    return (u.u11, u.u22, u.u33, u.u12, u.u13, u.u23) if u.nonzero() else (0.0,) * 6
 
 
 def _pick_models(st: gemmi.Structure, path: Path, model: int | str | None) -> list[gemmi.Model]:
@@ -384,10 +389,9 @@ def read_fixed_atoms(path, exclude=(), *, hydrogens: bool = False, model: int | 
                     continue
                 if (chain.name, res.seqid.num, atom.name) in skip:
                     continue
-                p, u = atom.pos, atom.aniso
-                aniso = (u.u11, u.u22, u.u33, u.u12, u.u13, u.u23) if u.nonzero() else (0.0,) * 6
+                p = atom.pos
                 alt = atom.altloc if atom.has_altloc() else ""
-                rows.append((atom.element.name, (p.x, p.y, p.z), float(atom.b_iso), float(atom.occ), aniso,
+                rows.append((atom.element.name, (p.x, p.y, p.z), float(atom.b_iso), float(atom.occ), _aniso(atom),
                              f"{chain.name} {res.name} {res.seqid.num} {atom.name}{'.' + alt if alt else ''}"))
                 counts["water" if water else "other"] += 1
     return {
