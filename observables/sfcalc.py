@@ -52,7 +52,7 @@ import numpy as np
 
 from observables.form_factors import form_factor, normalise_element
 
-__all__ = ["CellGrid", "StructureFactorModel", "b_range", "fft_size", "miller_stol2", "symmetry_ops"]
+__all__ = ["CellGrid", "StructureFactorModel", "b_range", "displacements", "fft_size", "miller_stol2", "symmetry_ops"]
 
 # the smallest total Gaussian width (A^2): keeps k = 4 pi^2 / b finite for atoms with B + blur ~ 0
 MIN_WIDTH = 1.0
@@ -584,6 +584,17 @@ class StructureFactorModel:
              else jnp.broadcast_to(jnp.asarray(u_aniso, jnp.float32), (e, n, 6)))
         group = jnp.tile(self._group, e)
         return self._from_atoms(x.reshape(-1, 3), w.reshape(-1), b.reshape(-1), u.reshape(-1, 6), group)
+
+
+def displacements(b_iso, u_aniso=None) -> tuple[np.ndarray, np.ndarray | None]:
+    """A structure file's B (A^2) and ANISOU U as this module takes them: (b, u) where u is None when no atom is
+    anisotropic, and b is 0 for the anisotropic atoms (their U is the whole displacement; B_iso, its isotropic
+    equivalent, would count it twice)."""
+    b = np.asarray(b_iso, np.float32)
+    if u_aniso is None or not np.any(u_aniso):
+        return b, None
+    u = np.asarray(u_aniso, np.float32)
+    return np.where(np.any(u != 0, axis=-1), 0.0, b).astype(np.float32), u
 
 
 def b_range(b_iso, u_aniso=None) -> tuple[float, float]:

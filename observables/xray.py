@@ -59,7 +59,7 @@ import scipy.special
 from observables.base import AtomInfo, Crystal, FixedAtoms, register
 from observables.form_factors import normalise_element
 from observables.reflections import ReflectionError, Reflections, read_reflections
-from observables.sfcalc import StructureFactorModel, b_range, miller_stol2, symmetry_ops
+from observables.sfcalc import StructureFactorModel, b_range, displacements, miller_stol2, symmetry_ops
 
 __all__ = ["MASK_PROBE", "MASK_SHRINK", "XrayObservable", "XrayState", "atoms_structure", "bulk_solvent_mask",
            "r_factor"]
@@ -383,11 +383,7 @@ class XrayObservable:
         else:
             b_iso, u_aniso = np.full(n, 20.0, np.float32), None
             self.notes.append("the structure gives no B-factors: every model atom has B = 20 A^2")
-        if u_aniso is not None and not np.any(u_aniso):
-            u_aniso = None
-        if u_aniso is not None:  # anisotropic atoms carry their U; b_iso is then an isotropic addition (0)
-            is_aniso = np.any(u_aniso != 0, axis=-1)
-            b_iso = np.where(is_aniso, 0.0, b_iso).astype(np.float32)
+        b_iso, u_aniso = displacements(b_iso, u_aniso)
         occupancy = np.ones(n, np.float32) if atoms.occupancy is None else np.asarray(atoms.occupancy, np.float32)
         self.b_iso, self.u_aniso, self.occupancy = b_iso, u_aniso, occupancy
         b_lo, b_hi = b_range(b_iso, u_aniso)
@@ -468,10 +464,7 @@ class XrayObservable:
     def _fixed_f(self, env: FixedAtoms | None, rate: float) -> np.ndarray:
         if env is None or len(env) == 0:
             return np.zeros(len(self.reflections), np.complex64)
-        u = None if env.u_aniso is None or not np.any(env.u_aniso) else np.asarray(env.u_aniso, np.float32)
-        b = np.asarray(env.b_iso, np.float32)
-        if u is not None:
-            b = np.where(np.any(u != 0, axis=-1), 0.0, b).astype(np.float32)
+        b, u = displacements(env.b_iso, env.u_aniso)
         lo, hi = b_range(b, u)
         model = StructureFactorModel(self.reflections.cell, self.reflections.space_group, self.reflections.hkl,
                                      env.element, b_min=max(lo, 0.0), b_max=hi, rate=rate, anisotropic=u is not None)
