@@ -65,6 +65,8 @@ from pathlib import Path
 
 import numpy as np
 
+from observables.errors import InputError
+
 log = logging.getLogger("ensemble_bench")
 
 GRID_KEYS = ("entry", "predictor", "guidance", "observables", "ensemble_size", "strength", "occupancy", "potentials",
@@ -77,7 +79,7 @@ K_SOL = 0.35  # e/A^3
 B_SOL = 46.0  # A^2
 
 
-class BenchError(ValueError):
+class BenchError(InputError):
     """A bad manifest or bench configuration (the message names the file/row and what to do)."""
 
 

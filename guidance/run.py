@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from guidance.structure import atomic_write
+from observables.errors import InputError
 
 log = logging.getLogger("ensemble_guide")
 
@@ -40,7 +41,7 @@ def _config_dir() -> str:
     raise FileNotFoundError(f"ensemble-guide: cannot find its Hydra configs next to {here}")
 
 
-class UserError(Exception):
+class UserError(InputError):
     """A problem with the user's input, reported as one line."""
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 import gemmi
 import numpy as np
 
+from observables.errors import InputError
 from predictors.base import AtomKey, AtomLayout
 
 __all__ = [
@@ -55,7 +56,7 @@ _CIF_SUFFIXES = (".cif", ".mmcif", ".mcif")
 _DEFAULT_B = 20.0  # A^2, written when the caller gives no B-factors
 
 
-class StructureError(ValueError):
+class StructureError(InputError):
     """A structure file (or a selection on it) cannot be used; the message names the file and the culprit."""
 
 

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from observables.base import AtomInfo, Crystal, register
+from observables.errors import InputError
 from observables.form_factors import KINDS, coefficients, normalise_element
 
 __all__ = [
@@ -70,7 +71,7 @@ RESOLUTION_LABEL = "ensemble-guide: resolution"  # how write_ccp4 records a map'
 _RESOLUTION_RE = re.compile(r"resolution[^0-9]{0,12}([0-9]+(?:\.[0-9]+)?)\s*(?:A|Angstrom|\u00c5)?", re.IGNORECASE)
 
 
-class MapError(ValueError):
+class MapError(InputError):
     """A map could not be read, written or used (missing file, wrong format, missing columns, no coverage)."""
 
 

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from observables.base import AtomInfo
+from observables.errors import InputError
 
 __all__ = [
     "MAX_PEPTIDE_BOND",
@@ -59,7 +60,7 @@ _NORM_FLOOR = 1e-12
 _DIHEDRAL_FLOOR = 1e-6
 
 
-class NmrDataError(ValueError):
+class NmrDataError(InputError):
     """NMR data could not be read or does not fit the model (file, line/residue and what to do are in the message)."""
 
 

@@ -61,6 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from observables.base import AtomInfo, register
+from observables.errors import InputError
 from observables.hydrogens import (
     N_TERMINAL_SITES,
     PROTON_TEMPLATES,
@@ -105,7 +106,7 @@ HYDROGEN_MODES = ("placed", "wuthrich")
 NOMENCLATURES = ("auto", "iupac", "xplor")
 
 
-class RestraintFormatError(ValueError):
+class RestraintFormatError(InputError):
     """A restraint file could not be read; the message names the file and line."""
 
 

@@ -61,6 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from observables.base import AtomInfo, register
+from observables.errors import InputError
 from observables.hydrogens import bisector_h
 from observables.nmr import NmrDataError, read_star
 
@@ -127,7 +128,7 @@ MIN_COUPLINGS = 6
 _NULL = {".", "?", ""}
 
 
-class RDCError(ValueError):
+class RDCError(InputError):
     """RDC data could not be read or matched to the model (the message names the file, line and coupling)."""
 
 

@@ -40,10 +40,12 @@ from pathlib import Path
 import gemmi
 import numpy as np
 
+from observables.errors import InputError
+
 __all__ = ["ReflectionError", "Reflections", "french_wilson", "read_reflections"]
 
 
-class ReflectionError(ValueError):
+class ReflectionError(InputError):
     """A reflection file cannot be used as measured X-ray data; the message names the file and what to do."""
 
 

@@ -74,6 +74,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from observables.base import AtomInfo, register
+from observables.errors import InputError
 from observables.form_factors import it92, normalise_element
 
 __all__ = [
@@ -114,7 +115,7 @@ _MODES = ("exact", "fast")
 _TINY = 1e-12  # A^2 added to squared distances: finite sqrt and gradient for coincident (padding) atoms
 
 
-class SaxsDataError(ValueError):
+class SaxsDataError(InputError):
     """A SAXS profile could not be read or used (missing file, malformed line, no usable points)."""
 
 
