@@ -320,8 +320,17 @@ def build_objective(cfg, layout, ref_coords, demo_data: dict[str, Path] | None =
             params[key] = demo_data[name]
         try:
             obs = observables.build(name, atoms, **params)
-        except (KeyError, TypeError, ValueError, OSError) as exc:  # bad data files, options, unknown names
-            raise UserError(f"observable {name!r}: {exc}") from exc
+        except InputError as exc:  # a bad data file or option value: the reader's message names it
+            text = str(exc)
+            raise UserError(text if text.startswith(f"observables.{name}") else f"observables.{name}: {text}") from exc
+        except OSError as exc:  # unreadable file (permissions, a directory, ...)
+            raise UserError(f"observables.{name}: {exc}") from exc
+        except TypeError as exc:  # an option the observable does not take
+            if "unexpected keyword argument" not in str(exc):
+                raise
+            option = str(exc).split("unexpected keyword argument")[-1].strip(" '\"")
+            raise UserError(f"observables.{name}.{option} is not an option of the {name} observable; its options "
+                            f"are in `ensemble-guide --cfg job observables=[{name}]`") from exc
         terms.append(Term(name, obs, weight))
         log.info("observable %s (weight %.3g): %s", name, weight, {k: (str(v) if isinstance(v, Path) else v) for k, v in params.items()})
         _log_observable(name, obs)
@@ -687,24 +696,11 @@ def _app(cfg) -> int:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         metrics = run(cfg, out_dir)
-    except UserError as exc:
-        log.error("%s", exc)
+    except InputError as exc:  # the user's file, value or option: one line, exit 1, no metrics.json
+        log.debug("details", exc_info=True)
+        log.error("%s", " ".join(str(exc).split()))
         return 1
-    except Exception as exc:  # bad files, bad maps, bad values: one line for the user, the traceback in run.log
-        from guidance.structure import StructureError
-
-        known = (StructureError, FileNotFoundError, ValueError, KeyError)
-        try:
-            from observables.density import MapError
-
-            known = known + (MapError,)
-        except ImportError:
-            pass
-        if isinstance(exc, known):
-            log.debug("details", exc_info=True)
-            log.error("%s: %s", type(exc).__name__, exc)
-            return 1
-        raise
+    # anything else is a bug: it propagates with its traceback
     metrics["config"] = OmegaConf.to_container(cfg, resolve=True)
     atomic_write(out_dir / "metrics.json", json.dumps(_jsonable(metrics), indent=2))
     for name, rep in metrics["observables"].items():

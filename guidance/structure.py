@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import gzip
 import json
+import logging
 import os
 import tempfile
 import warnings
@@ -56,6 +57,9 @@ _CIF_SUFFIXES = (".cif", ".mmcif", ".mcif")
 _DEFAULT_B = 20.0  # A^2, written when the caller gives no B-factors
 
 
+log = logging.getLogger("ensemble_guide")
+
+
 class StructureError(InputError):
     """A structure file (or a selection on it) cannot be used; the message names the file and the culprit."""
 
@@ -88,6 +92,9 @@ class Conformers:
     b_iso: np.ndarray | None = None
     u_aniso: np.ndarray | None = None
     crystal: tuple | None = None  # (cell (a, b, c, alpha, beta, gamma), space group name) when the file has a cell
+    # what read_structure kept and ignored: model, chains, atoms, polymer_residues, other_residues {name: count},
+    # ignored {hydrogens, waters, water_atoms, duplicate_atoms}, altlocs, models_read (empty when built in memory)
+    contents: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -141,6 +148,8 @@ def _read_gemmi(path: Path) -> tuple[gemmi.Structure, gemmi.cif.Block | None]:
         raise StructureError(f"{path}: no such file")
     if not path.is_file():
         raise StructureError(f"{path}: not a file")
+    if path.stat().st_size == 0:
+        raise StructureError(f"{path}: the file is empty")
     doc = gemmi.cif.Document()
     fmt = gemmi.CoorFormat.Mmcif if _is_cif_name(path) else gemmi.CoorFormat.Detect
     try:
@@ -151,15 +160,34 @@ def _read_gemmi(path: Path) -> tuple[gemmi.Structure, gemmi.cif.Block | None]:
     return st, block
 
 
-def _collect_model(model: gemmi.Model, path: Path, hydrogens: bool) -> dict[AtomKey, _Site]:
-    """Atom sites of one model in file order, waters (and hydrogens) removed."""
+DUPLICATE_TOLERANCE = 1e-3  # A: two records of one atom (same residue, name, altloc) this close are one atom
+
+
+def _collect_model(model: gemmi.Model, path: Path, hydrogens: bool,
+                   contents: dict | None = None) -> dict[AtomKey, _Site]:
+    """Atom sites of one model in file order, waters (and hydrogens) removed.
+
+    An atom written twice with the same residue, name and altloc at the same position (within DUPLICATE_TOLERANCE)
+    is kept once, with a warning that names the copies; at different positions it is a StructureError that names
+    the residue.  ``contents``, when given, is filled with what was kept and what was ignored (see
+    :func:`_describe_contents`)."""
     sites: dict[AtomKey, _Site] = {}
     res_names: dict[tuple[str, int], str] = {}
     skipped: set[tuple[str, int, str]] = set()
+    duplicates: list[str] = []
+    n_hydrogens = n_waters = n_water_atoms = 0
+    counted: set = set()
+    n_polymer = 0
+    other_res: dict[str, int] = {}  # residue name -> count, for ligands, ions, unknown residues
+    chains: list[str] = []
     for chain in model:
         for res in chain:
             if res.is_water():
+                n_waters += 1
+                n_water_atoms += len(res)
                 continue
+            if chain.name not in chains:
+                chains.append(chain.name)
             where = f"residue {chain.name} {res.name} {res.seqid.num}{res.seqid.icode.strip()}"
             if res.seqid.icode not in (" ", "\0", ""):
                 raise StructureError(
@@ -181,20 +209,66 @@ def _collect_model(model: gemmi.Model, path: Path, hydrogens: bool) -> dict[Atom
                     f"{path}: {where} reuses the number of residue {chain.name} {seen} {res.seqid.num}"
                 )
             res_names[rkey] = res.name
+            if rkey not in counted:
+                counted.add(rkey)
+                if _is_polymer_residue(res.name):
+                    n_polymer += 1
+                else:
+                    other_res[res.name] = other_res.get(res.name, 0) + 1
             for atom in res:
                 if not hydrogens and atom.is_hydrogen():
+                    n_hydrogens += 1
                     continue
                 key = (chain.name, res.seqid.num, atom.name)
                 alt = atom.altloc if atom.has_altloc() else ""
                 site = sites.get(key)
                 if site is None:
                     site = sites[key] = _Site(res.name, atom.element.name.upper(), {})
+                p = atom.pos
                 if alt in site.alts:
                     label = f" altloc {alt}" if alt else ""
-                    raise StructureError(f"{path}: {where} lists atom {atom.name}{label} twice")
-                p = atom.pos
+                    if np.linalg.norm(np.subtract(site.alts[alt][0], (p.x, p.y, p.z))) <= DUPLICATE_TOLERANCE:
+                        duplicates.append(f"{chain.name} {res.name} {res.seqid.num} {atom.name}{label}")
+                        continue
+                    raise StructureError(
+                        f"{path}: {where} lists atom {atom.name}{label} twice at different positions; give the"
+                        " copies different altloc ids (A, B, ...) if they are alternative conformations, or delete"
+                        " one of them"
+                    )
                 site.alts[alt] = ((p.x, p.y, p.z), float(atom.occ), float(atom.b_iso), _aniso(atom))
+    if duplicates:
+        shown = ", ".join(duplicates[:5]) + (f" and {len(duplicates) - 5} more" if len(duplicates) > 5 else "")
+        warnings.warn(f"{path}: model {model.name}: {len(duplicates)} atom(s) written twice at the same position,"
+                      f" kept once: {shown}", stacklevel=3)
+    if contents is not None:
+        contents.update(
+            model=model.name, chains=chains, atoms=len(sites),
+            polymer_residues=n_polymer,
+            other_residues={name: n for name, n in sorted(other_res.items())},
+            ignored={"hydrogens": n_hydrogens, "waters": n_waters, "water_atoms": n_water_atoms,
+                     "duplicate_atoms": len(duplicates)},
+        )
     return sites
+
+
+def _describe_contents(path: Path, contents: dict, n_models: int) -> str:
+    """One line for the log: what of the file is used (model, chains, atoms, ligands) and what is ignored."""
+    other = contents.get("other_residues", {})
+    ligands = (", ".join(f"{n} {name}" if n > 1 else name for name, n in list(other.items())[:8])
+               + (" ..." if len(other) > 8 else "")) if other else "none"
+    ign = contents["ignored"]
+    ignored = [f"{v} {k.replace('_', ' ')}" for k, v in ign.items() if v and k != "water_atoms"]
+    ignored = [w[:-1] if w.startswith("1 ") else w for w in ignored]  # "1 water", "1 duplicate atom"
+    read = contents.get("models_read") or [contents["model"]]
+    if len(read) > 1:
+        models = f"models {read[0]}-{read[-1]} (one conformer each)"
+    else:
+        models = f"model {read[0]}" + (f" of {n_models}" if n_models > 1 else "")
+    if contents.get("altlocs"):
+        models += f", altlocs {', '.join(contents['altlocs'])}"
+    return (f"{path.name}: {models}, chains {', '.join(contents['chains'])}: kept {contents['atoms']} atoms in "
+            f"{contents['polymer_residues']} polymer residues; ligands/ions/other residues kept: {ligands}; "
+            f"ignored: {', '.join(ignored) if ignored else 'nothing'}")
 
 
 def _aniso(atom: gemmi.Atom) -> tuple:
@@ -217,9 +291,12 @@ def _pick_models(st: gemmi.Structure, path: Path, model: int | str | None) -> li
     return models
 
 
-def _first_sites(models: list[gemmi.Model], path: Path, hydrogens: bool) -> dict[AtomKey, _Site]:
+def _first_sites(models: list[gemmi.Model], path: Path, hydrogens: bool,
+                 contents: dict | None = None) -> dict[AtomKey, _Site]:
     """The atom sites of the first model; StructureError when it has none (outside water)."""
-    sites = _collect_model(models[0], path, hydrogens)
+    sites = _collect_model(models[0], path, hydrogens, contents)
+    if not any(len(res) for ch in models[0] for res in ch):
+        raise StructureError(f"{path}: no atom records found; is it a PDB or mmCIF coordinate file?")
     if not sites:
         what = "atoms" if hydrogens else "non-hydrogen atoms"
         raise StructureError(f"{path}: contains no {what} outside water")
@@ -282,9 +359,13 @@ def read_structure(path, *, hydrogens: bool = False, model: int | str | None = N
     path = Path(path)
     st, block = _read_gemmi(path)
     models = _pick_models(st, path, model)
-    first = _first_sites(models, path, hydrogens)
+    contents: dict = {}
+    first = _first_sites(models, path, hydrogens, contents)
     altlocs = sorted({a for site in first.values() for a in site.alts if a})
     metadata = _read_metadata(block)
+    contents["altlocs"] = altlocs
+    contents["models_read"] = [models[0].name] if (altlocs or len(models) == 1) else [m.name for m in models]
+    log.info("%s", _describe_contents(path, contents, len(st)))
 
     if altlocs or len(models) == 1:
         if altlocs and len(models) > 1:
@@ -311,7 +392,7 @@ def read_structure(path, *, hydrogens: bool = False, model: int | str | None = N
                           "altloc" if altlocs else "single", metadata, occupancies=occupancies,
                           b_iso=np.array([[e[2] for e in row] for row in picks], np.float32),
                           u_aniso=np.array([[e[3] for e in row] for row in picks], np.float32),
-                          crystal=_crystal(st))
+                          crystal=_crystal(st), contents=contents)
 
     # several models, no altlocs in the first: one conformer per model
     per_model = [first] + [_collect_model(m, path, hydrogens) for m in models[1:]]
@@ -349,7 +430,8 @@ def read_structure(path, *, hydrogens: bool = False, model: int | str | None = N
     occupancies = np.array([[w * e[1] for e in row] for row, w in zip(picks, weights)], np.float32)
     return Conformers(layout, coords, weights, ids, b_factors, varying, path, "models", metadata,
                       occupancies=occupancies, b_iso=np.array([[e[2] for e in row] for row in picks], np.float32),
-                      u_aniso=np.array([[e[3] for e in row] for row in picks], np.float32), crystal=_crystal(st))
+                      u_aniso=np.array([[e[3] for e in row] for row in picks], np.float32), crystal=_crystal(st),
+                      contents=contents)
 
 
 def _share(site: "_Site", altloc: str, weight: float) -> float:

@@ -16,6 +16,8 @@ from typing import Any, Callable, Protocol, runtime_checkable
 
 import numpy as np
 
+from observables.errors import InputError
+
 ENTRY_POINT_GROUP = "ensemble_guide.observables"
 
 
@@ -181,7 +183,7 @@ def build(name: str, atoms: AtomInfo, **config) -> Observable:
     if name not in _REGISTRY:
         _load_entry_points()
     if name not in _REGISTRY:
-        raise KeyError(f"unknown observable {name!r}; available: {', '.join(available())}")
+        raise InputError(f"unknown observable {name!r}; available: {', '.join(available())}")
     return _REGISTRY[name](atoms, **config)
 
 

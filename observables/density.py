@@ -851,11 +851,11 @@ class DensityObservable:
                 "the density observable needs reference coordinates (AtomInfo.coords) to fix its box and mask"
             )
         if kind not in KINDS:
-            raise ValueError(f"unknown density kind {kind!r}; use one of {KINDS}")
+            raise MapError(f"observables.density.kind={kind!r} is unknown; use one of {KINDS}")
         self.notes: list[str] = []
         for label, value in (("sigma", sigma), ("mask_radius", mask_radius)):
             if not value > 0:
-                raise ValueError(f"{label} must be > 0, got {value}")
+                raise MapError(f"observables.density.{label} must be > 0, got {value}")
         reference = np.asarray(atoms.coords, dtype=np.float64)
         if reference.ndim == 2:
             reference = reference[None]
@@ -868,7 +868,7 @@ class DensityObservable:
             try:
                 form_factor_coefficients(normalise_element(element), kind)
             except ValueError as exc:
-                raise ValueError(
+                raise MapError(
                     f"atom {atoms.atom_name[i]} of {atoms.res_name[i]} {atoms.chain_id[i]}{atoms.res_seq[i]}: {exc}"
                 ) from None
 
@@ -892,7 +892,7 @@ class DensityObservable:
         else:
             self.resolution_source = "given"
         if not resolution > 0:
-            raise ValueError(f"resolution must be > 0, got {resolution}")
+            raise MapError(f"observables.density.resolution must be > 0 A, got {resolution}")
         if info.crystal is not None and atoms.crystal is not None:
             note = info.crystal.check_structure(atoms.crystal, "map", "observables.density.allow_other_crystal",
                                                 allow_other_crystal, MapError)

@@ -229,7 +229,8 @@ def _free_from_flags(flags: np.ndarray, value, label: str) -> tuple[np.ndarray, 
     if value is not None:
         value = int(value)
         if value not in vals:
-            raise ReflectionError(f"free_flag_value={value}: column {label} has the values {vals.tolist()}")
+            raise ReflectionError(f"observables.xray.free_flag_value={value} is not a value of column {label} (its "
+                                  f"values are {vals.tolist()}); give one of them, or null to detect the free set")
         rule = f"{label} == {value} (given)"
     elif len(vals) == 0:
         raise ReflectionError(f"free-set column {label} has no values")
@@ -392,7 +393,10 @@ def read_reflections(
         free = status == "f"
         free_rule = "_refln.status == 'f'"
     elif flags is not None:
-        free, free_rule = _free_from_flags(flags, free_flag_value, flag_label)
+        try:
+            free, free_rule = _free_from_flags(flags, free_flag_value, flag_label)
+        except ReflectionError as exc:
+            raise ReflectionError(f"{path}: {exc}") from None
     else:
         free = _generated_free(hkl, generate_free, seed)
         free_rule = f"generated: {generate_free:.0%} of the reflections by a seeded hash of h, k, l (seed {seed})"

@@ -342,7 +342,7 @@ class XrayObservable:
             raise ReflectionError("the xray observable needs measured amplitudes: observables.xray.data=<file.mtz or "
                                   "-sf.cif>")
         if target not in ("ml", "ls"):
-            raise ValueError(f"observables.xray.target must be ml or ls, got {target!r}")
+            raise ReflectionError(f"observables.xray.target must be ml or ls, got {target!r}")
         if atoms.coords is None:
             raise ValueError("the xray observable needs reference coordinates (AtomInfo.coords) for its first "
                              "bulk-solvent and scale fit")

@@ -35,3 +35,24 @@ def two_state_inputs(root: Path):
     dmap = synthetic_map(AtomInfo.from_layout(pep.layout), np.stack([pep.coords_a, pep.coords_b]), [0.6, 0.4],
                          resolution=3.0)
     return pep, structure, write_ccp4(root / "two_state.ccp4", dmap)
+
+
+# A three-residue peptide in a 30 A P1 cell (coordinates from an ideal extended chain; only the file's shape matters)
+TRIPEPTIDE_P1_PDB = """\
+CRYST1   30.000   30.000   30.000  90.00  90.00  90.00 P 1           1
+ATOM      1  N   ALA A   1      10.000  10.000  10.000  1.00 20.00           N
+ATOM      2  CA  ALA A   1      11.458  10.000  10.000  1.00 20.00           C
+ATOM      3  C   ALA A   1      12.009  11.420  10.000  1.00 20.00           C
+ATOM      4  O   ALA A   1      11.251  12.390  10.000  1.00 20.00           O
+ATOM      5  CB  ALA A   1      11.990   9.220  11.200  1.00 20.00           C
+ATOM      6  N   GLY A   2      13.332  11.540  10.000  1.00 20.00           N
+ATOM      7  CA  GLY A   2      13.971  12.850  10.000  1.00 20.00           C
+ATOM      8  C   GLY A   2      15.480  12.730  10.000  1.00 20.00           C
+ATOM      9  O   GLY A   2      16.040  11.630  10.000  1.00 20.00           O
+ATOM     10  N   ALA A   3      16.150  13.870  10.000  1.00 20.00           N
+ATOM     11  CA  ALA A   3      17.600  13.920  10.000  1.00 20.00           C
+ATOM     12  C   ALA A   3      18.100  15.350  10.000  1.00 20.00           C
+ATOM     13  O   ALA A   3      17.330  16.310  10.000  1.00 20.00           O
+ATOM     14  CB  ALA A   3      18.120  13.150  11.210  1.00 20.00           C
+END
+"""

@@ -375,3 +375,43 @@ def test_altloc_regions_are_runs_of_consecutive_residues_with_varying_atoms():
                       np.zeros(8, np.float32), varying, None, "altloc")
     assert altloc_regions(conf) == [("A", 2, 3), ("A", 6, 7), ("B", 1, 1)]
     assert altloc_regions(conf, min_span=2) == [("A", 2, 3), ("A", 6, 7)]
+
+
+def test_an_atom_written_twice_at_one_position_is_kept_once_with_a_warning(tmp_path):
+    from structures import TRIPEPTIDE_P1_PDB as PEPTIDE
+
+    lines = PEPTIDE.splitlines()
+    twice = "\n".join(lines[:3] + [lines[2]] + lines[3:]) + "\n"  # residue 1 CA written again, same position
+    path = tmp_path / "twice.pdb"
+    path.write_text(twice)
+    with pytest.warns(UserWarning, match=r"1 atom\(s\) written twice at the same position, kept once: A ALA 1 CA"):
+        conf = read_structure(path)
+    once = tmp_path / "once.pdb"
+    once.write_text(PEPTIDE)
+    ref = read_structure(once)
+    assert len(conf.layout) == len(ref.layout) == 14
+    np.testing.assert_array_equal(conf.coords, ref.coords)
+    assert conf.contents["ignored"]["duplicate_atoms"] == 1
+
+
+def test_read_structure_says_what_it_kept_and_ignored(tmp_path, caplog):
+    from structures import TRIPEPTIDE_P1_PDB as PEPTIDE
+
+    lines = PEPTIDE.splitlines()
+    extra = [
+        "ATOM     15  H   GLY A   2      13.800  10.700  10.000  1.00 20.00           H",
+        "HETATM   16 ZN    ZN A 101       5.000   5.000   5.000  1.00 20.00          ZN",
+        "HETATM   17  O   HOH A 201       3.000   3.000   3.000  1.00 20.00           O",
+        "HETATM   18  O   HOH A 202       4.000   3.000   3.000  1.00 20.00           O",
+    ]
+    path = tmp_path / "mixed.pdb"
+    path.write_text("\n".join(lines[:-1] + extra + ["END"]) + "\n")
+    with caplog.at_level("INFO", logger="ensemble_guide"):
+        conf = read_structure(path)
+    c = conf.contents
+    assert (c["model"], c["chains"], c["atoms"], c["polymer_residues"]) == ("1", ["A"], 15, 3)
+    assert c["other_residues"] == {"ZN": 1}
+    assert c["ignored"]["hydrogens"] == 1 and c["ignored"]["waters"] == 2
+    line = next(r.message for r in caplog.records if r.message.startswith("mixed.pdb"))
+    assert "kept 15 atoms in 3 polymer residues" in line and "ZN" in line
+    assert "1 hydrogen" in line and "2 waters" in line
