@@ -51,6 +51,9 @@ from observables.nmr import (
     read_star_loops,
     residue_numbers,
     select_chain,
+    text_lines,
+    unmapped_report,
+    unmapped_warning,
 )
 
 __all__ = [
@@ -171,7 +174,7 @@ def _read_star_jcouplings(path: Path, numbering: str) -> JCouplingData:
 
 def _read_text_jcouplings(path: Path) -> JCouplingData:
     try:
-        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        lines = text_lines(path.read_text(encoding="utf-8-sig", errors="replace"))
     except OSError as exc:
         raise NmrDataError(f"cannot read J-coupling file {path}: {exc.strerror or exc}") from None
     chain, seq, vals, errs = [], [], [], []
@@ -270,14 +273,14 @@ class JCouplingObservable:
         self.backbone = bb = backbone(atoms, max_peptide_bond)
         index = bb.index()
         keep, self.dropped = [], []
+        absent = []
         for i in range(len(table)):
             ch = select_chain(bb, chain or table.chain[i] or None, table.source)
             key = (ch, int(table.res_seq[i]))
             if key not in index:
-                raise NmrDataError(
-                    f"{table.source}: coupling {i + 1} is for residue {ch}{key[1]}, which is not in the model "
-                    f"(model residues of chain {ch}: {_span(bb, ch)}); check the numbering (numbering='auth'/'seq')"
-                )
+                absent.append(i)
+                self.dropped.append((ch, key[1], "residue absent (not in the model)"))
+                continue
             r = index[key]
             model_name = str(bb.res_name[r]).upper()
             if table.res_name[i] and table.res_name[i] != model_name:
@@ -291,13 +294,16 @@ class JCouplingObservable:
                 self.dropped.append((ch, key[1], "no phi (chain start or break)"))
             else:
                 keep.append((i, r))
-        if self.dropped:
-            warnings.warn(
-                f"{table.source}: {len(self.dropped)} couplings not used: "
-                + ", ".join(f"{c}{n} ({why})" for c, n, why in self.dropped[:10])
-                + (" ..." if len(self.dropped) > 10 else ""),
-                stacklevel=2,
+        if absent and len(absent) == len(table):
+            i = absent[0]
+            ch = select_chain(bb, chain or table.chain[i] or None, table.source)
+            raise NmrDataError(
+                f"{table.source}: none of the {len(table)} couplings is for a residue in the model (the first is for "
+                f"residue {ch}{int(table.res_seq[i])}, which is not in the model; model residues of chain {ch}: "
+                f"{_span(bb, ch)}); check the chain and the numbering (numbering='auth'/'seq')"
             )
+        if self.dropped:
+            warnings.warn(unmapped_warning(str(table.source), self._unmapped_items(), "coupling(s)"), stacklevel=2)
         if not keep:
             raise NmrDataError(f"{table.source}: none of the {len(table)} couplings can be computed on this model")
         rows = np.array([k[0] for k in keep])
@@ -354,11 +360,16 @@ class JCouplingObservable:
         """Scalar Gaussian log-likelihood of the couplings (jit-, grad- and vmap-able)."""
         return self._log_likelihood(coords, weights)
 
-    def report(self, coords, weights) -> dict[str, float]:
-        """``rmsd`` (Hz), ``q_factor`` = sqrt(sum (J_obs - J_calc)^2 / sum J_obs^2), ``chi2`` (mean), ``n``."""
-        out = {k: float(v) for k, v in self._statistics(coords, weights).items()}
+    def report(self, coords, weights) -> dict:
+        """``rmsd`` (Hz), ``q_factor`` = sqrt(sum (J_obs - J_calc)^2 / sum J_obs^2), ``chi2`` (mean), ``n``; the
+        couplings not used (``n_unmapped``, ``unmapped`` "chain+residue: reason", ``unmapped_reasons``)."""
+        out: dict = {k: float(v) for k, v in self._statistics(coords, weights).items()}
         out["n"] = float(len(self.observed))
+        out.update(unmapped_report(self._unmapped_items()))
         return out
+
+    def _unmapped_items(self) -> list[tuple[str, str]]:
+        return [(f"{c}{n}", why) for c, n, why in self.dropped]
 
 
 def _span(bb: Backbone, chain: str) -> str:

@@ -49,6 +49,10 @@ __all__ = [
     "read_star_loops",
     "residue_numbers",
     "select_chain",
+    "one_line",
+    "text_lines",
+    "unmapped_report",
+    "unmapped_warning",
 ]
 
 # Largest C(i-1)-N(i) distance (A) still read as a peptide bond (a real one is 1.33 A).
@@ -62,6 +66,53 @@ _DIHEDRAL_FLOOR = 1e-6
 
 class NmrDataError(InputError):
     """NMR data could not be read or does not fit the model (file, line/residue and what to do are in the message)."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data that cannot be mapped onto the model: counted and listed, never dropped silently
+# ----------------------------------------------------------------------------------------------------------------
+
+# How many unmapped data the report lists by name (all of them are counted).
+UNMAPPED_SHOWN = 10
+
+
+def text_lines(text: str) -> list[str]:
+    """The lines of a data file's text, split at \n, \r\n or \r only.  ``str.splitlines`` also splits at form feeds
+    and at U+0085 (what a cp1252 ellipsis in a comment becomes when read as Latin-1), which would cut a comment in two
+    and shift the line number in every later message."""
+    return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+
+
+def one_line(message: str) -> str:
+    """``message`` with its white space (newlines included) collapsed, for one-line user errors."""
+    return " ".join(str(message).split())
+
+
+def unmapped_report(items) -> dict:
+    """The report keys every NMR observable (rdc, noe, jcoupling, shifts) shares for data it could not map onto the
+    model: ``n_unmapped`` (count), ``unmapped`` (the first ``UNMAPPED_SHOWN`` as short "label: reason" strings) and
+    ``unmapped_reasons`` ({reason: count}).  ``items`` are (label, reason) pairs; reasons are short categories such
+    as "residue absent", "atom absent", "unknown atom name", optionally followed by details in parentheses."""
+    items = list(items)
+    reasons: dict[str, int] = {}
+    for _, why in items:
+        key = why.split(" (", 1)[0]
+        reasons[key] = reasons.get(key, 0) + 1
+    return {
+        "n_unmapped": float(len(items)),
+        "unmapped": [f"{label}: {why}" for label, why in items[:UNMAPPED_SHOWN]],
+        "unmapped_reasons": reasons,
+    }
+
+
+def unmapped_warning(source: str, items, what: str) -> str:
+    """One warning line: how many ``what`` of ``source`` are not used, by reason, with the first few labels."""
+    items = list(items)
+    by_reason: dict[str, list[str]] = {}
+    for label, why in items:
+        by_reason.setdefault(why.split(" (", 1)[0], []).append(label)
+    parts = [f"{why}: {', '.join(labels[:6])}{' ...' if len(labels) > 6 else ''}" for why, labels in by_reason.items()]
+    return f"{source}: {len(items)} {what} cannot be mapped onto the model and are not used -- " + "; ".join(parts)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -271,10 +322,19 @@ def read_star(path: str | Path) -> gemmi.cif.Document:
         text = path.read_text(encoding="utf-8", errors="replace")
     except OSError as exc:
         raise NmrDataError(f"cannot read NMR-STAR file {path}: {exc.strerror or exc}") from None
+    if "\x00" in text:
+        raise NmrDataError(f"{path}: not a text file (it contains NUL bytes); expected an NMR-STAR 3 file")
     try:
         doc = gemmi.cif.read_string(_quote_frame_references(text))
     except (RuntimeError, ValueError) as exc:
-        raise NmrDataError(f"{path} is not a readable NMR-STAR 3 file: {exc}") from None
+        msg = one_line(str(exc))
+        m = re.match(r"^string:(\d+)(?::\d+)?:\s*(.*)$", msg)
+        where = f"{path}:{m.group(1)}" if m else str(path)
+        detail = m.group(2) if m else msg
+        raise NmrDataError(
+            f"{where}: not a readable NMR-STAR 3 file ({detail}); check that every loop_ row has one value per tag "
+            "and that the file is complete"
+        ) from None
     return doc
 
 

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -62,6 +63,7 @@ import numpy as np
 
 from observables.base import AtomInfo, register
 from observables.errors import InputError
+from observables.nmr import unmapped_report, unmapped_warning
 from observables.hydrogens import (
     N_TERMINAL_SITES,
     PROTON_TEMPLATES,
@@ -746,6 +748,8 @@ class NoeObservable:
                              f"(e.g. {reasons})")
         self.restraints = tuple(used)
         self.skipped = tuple(skipped)
+        if skipped:
+            warnings.warn(unmapped_warning(rset.source, self._unmapped_items(), "restraint(s)"), stacklevel=2)
         self.correction = np.array(corrections, dtype=np.float32)
         self.lower = np.maximum(np.array([r.lower for r in used], dtype=np.float32) - self.correction, 0.0)
         self.upper = np.array([r.upper for r in used], dtype=np.float32) + self.correction
@@ -839,7 +843,7 @@ class NoeObservable:
         """Points (deduplicated) and pseudo-atom correction of one selection, or why it cannot be used."""
         chosen = np.flatnonzero(universe.select(sel.node, self.nomenclature))
         if not len(chosen):
-            return [], 0.0, f"selection ({sel.text}) matches no atom of the model"
+            return [], 0.0, f"no atom matched (the selection {sel.text} matches no atom of the model)"
         out: list[int] = []
         methyls: dict[int, set[str]] = {}
         for u in chosen:
@@ -867,8 +871,8 @@ class NoeObservable:
                 else:
                     k = pts.placed_point(r, site)
                 if k is None:
-                    return [], 0.0, (f"proton {universe.names['iupac'][0][u]} of residue {universe.chain[u]} "
-                                     f"{res} {universe.resid[u]} cannot be placed (missing heavy atoms)")
+                    return [], 0.0, (f"proton not placeable ({universe.names['iupac'][0][u]} of residue "
+                                     f"{universe.chain[u]} {res} {universe.resid[u]}: its heavy atoms are missing)")
             if k not in out:
                 out.append(k)
         if self.hydrogens == "wuthrich":  # both methyls of a Leu/Val selected -> one QQ pseudo-atom
@@ -895,7 +899,7 @@ class NoeObservable:
                 continue
             new = [(i, j, pts.multiplicity[i] * pts.multiplicity[j]) for i in a for j in b if i != j]
             if not new:
-                reasons.append("both selections are the same single point")
+                reasons.append("same point (both selections are the same single point)")
                 continue
             pairs += new
             corr = max(corr, ca + cb)
@@ -918,15 +922,22 @@ class NoeObservable:
         """Scalar log-likelihood given coords [E, N, 3] (A) and weights [E] (jit-, grad-, vmap-able)."""
         return self._log_likelihood(coords, weights)
 
-    def report(self, coords, weights) -> dict[str, float]:
+    def report(self, coords, weights) -> dict:
         """``violations`` (restraints violated by > 0.5 A), ``violations_gt_0_3`` (> 0.3 A), ``rms_violation``,
         ``max_violation`` and ``mean_violation`` (A) of the ensemble-averaged distances; ``member_violations`` and
         ``member_rms_violation``: the same for each member on its own, weighted over members; ``n_restraints`` in
-        use and ``n_skipped`` (parsed but not applicable to this model); ``log_likelihood``."""
-        out = {k: float(v) for k, v in self._statistics(coords, weights).items()}
+        use and ``n_skipped`` (parsed but not applicable to this model), listed with their reasons as ``n_unmapped``,
+        ``unmapped`` (the first few "file:line: reason") and ``unmapped_reasons`` ({reason: count});
+        ``log_likelihood``."""
+        out: dict = {k: float(v) for k, v in self._statistics(coords, weights).items()}
         out["n_restraints"] = float(len(self.restraints))
         out["n_skipped"] = float(len(self.skipped))
+        out.update(unmapped_report(self._unmapped_items()))
         return out
+
+    def _unmapped_items(self) -> list[tuple[str, str]]:
+        """(label, reason) of the restraints that parse but cannot be used on this model, labelled by file line."""
+        return [(f"{self.restraint_set.source}:{s.line}", s.reason) for s in self.skipped]
 
     def worst(self, coords, weights, n: int = 10) -> list[str]:
         """The ``n`` largest violations as readable lines (restraint, bounds used, r_eff, violation)."""

@@ -62,6 +62,8 @@ from observables.nmr import (
     read_star_loops,
     residue_numbers,
     select_chain,
+    unmapped_report,
+    unmapped_warning,
 )
 
 __all__ = [
@@ -475,25 +477,22 @@ class ShiftsObservable:
 
         rows, cols, nucs, obs = [], [], [], []
         self.dropped: list[tuple[int, str, str]] = []
+        self.n_other_nuclei = 0  # shifts of nuclei not asked for (option nuclei): not a mapping failure, only counted
         for rs, nucleus, value in zip(table.res_seq.tolist(), table.nucleus.tolist(), table.value.tolist()):
             if nucleus not in nuclei:
+                self.n_other_nuclei += 1
                 continue
             if rs not in row_of:
-                self.dropped.append((rs, nucleus, "residue not in the model"))
+                self.dropped.append((rs, nucleus, "residue absent (not in the model)"))
             elif nucleus not in columns_of or not pred.defined[row_of[rs], columns_of[nucleus]]:
-                self.dropped.append((rs, nucleus, "not predicted"))
+                self.dropped.append((rs, nucleus, "not predicted (no prediction for this atom on this model)"))
             else:
                 rows.append(row_of[rs])
                 cols.append(columns_of[nucleus])
                 nucs.append(nucleus)
                 obs.append(value)
         if self.dropped:
-            warnings.warn(
-                f"{table.source}: {len(self.dropped)} shifts not used: "
-                + ", ".join(f"{rs} {k} ({why})" for rs, k, why in self.dropped[:8])
-                + (" ..." if len(self.dropped) > 8 else ""),
-                stacklevel=2,
-            )
+            warnings.warn(unmapped_warning(str(table.source), self._unmapped_items(), "shift(s)"), stacklevel=2)
         if not obs:
             raise NmrDataError(f"{table.source}: none of the shifts can be predicted on this model")
         self.rows, self.columns = np.array(rows), np.array(cols)
@@ -546,10 +545,17 @@ class ShiftsObservable:
         """Scalar Gaussian log-likelihood of the shifts (jit-, grad- and vmap-able)."""
         return self._log_likelihood(coords, weights)
 
-    def report(self, coords, weights) -> dict[str, float]:
+    def report(self, coords, weights) -> dict:
         """``rmse_<nucleus>`` and ``bias_<nucleus>`` (ppm; predicted - observed) and ``n_<nucleus>`` per nucleus with
-        data (ca, cb, c, n, h, ha), ``chi2`` (mean) and ``log_likelihood``."""
-        out = {k: float(v) for k, v in self._statistics(coords, weights).items()}
+        data (ca, cb, c, n, h, ha), ``chi2`` (mean) and ``log_likelihood``; the shifts not used (``n_unmapped``,
+        ``unmapped`` "residue nucleus: reason", ``unmapped_reasons``) and ``n_other_nuclei`` (shifts of nuclei
+        outside the option ``nuclei``)."""
+        out: dict = {k: float(v) for k, v in self._statistics(coords, weights).items()}
         for k, count in self.counts.items():
             out[f"n_{k.lower()}"] = count
+        out.update(unmapped_report(self._unmapped_items()))
+        out["n_other_nuclei"] = float(self.n_other_nuclei)
         return out
+
+    def _unmapped_items(self) -> list[tuple[str, str]]:
+        return [(f"{rs} {nucleus}", why) for rs, nucleus, why in self.dropped]

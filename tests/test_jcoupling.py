@@ -203,9 +203,16 @@ def test_chain_break_ends_phi_and_drops_the_coupling():
     broken[9:] += np.array([4.0, 0.0, 0.0])  # residue 4 (atoms 9..11) and after moved 4 A away
     atoms_broken = dataclasses.replace(atoms, coords=broken[None].astype(np.float32))
     assert list(backbone(atoms_broken).has_phi) == [False, True, True, False, True]
-    with pytest.warns(UserWarning, match="4 \\(no phi"):
+    with pytest.warns(UserWarning, match=r"no phi: A4"):
         obs = JCouplingObservable(atoms_broken, data=[(2, 4.0), (3, 4.0), (4, 4.0), (5, 4.0)])
     assert list(obs.residues) == [1, 2, 4]
+    rep = obs.report(jnp.asarray(broken[None]), jnp.ones(1))
+    assert rep["n"] == 3 and rep["n_unmapped"] == 1 and rep["unmapped"] == ["A4: no phi (chain start or break)"]
+    # a coupling for a residue the model lacks is counted and listed, the rest are used
+    with pytest.warns(UserWarning, match=r"2 coupling\(s\) cannot be mapped .*residue absent: A40"):
+        obs = JCouplingObservable(atoms, data=[(1, 4.0), (2, 4.0), (3, 4.0), (40, 7.0)])
+    rep = obs.report(jnp.asarray(xyz[None]), jnp.ones(1))
+    assert rep["n"] == 2 and rep["unmapped_reasons"] == {"residue absent": 1, "no phi": 1}
     # without reference coordinates the numbering decides: consecutive numbers are linked
     no_ref = dataclasses.replace(atoms, coords=None)
     assert backbone(no_ref).has_phi.tolist() == [False, True, True, True, True]

@@ -434,7 +434,8 @@ def test_unbuildable_couplings_are_skipped_with_reasons_and_missing_residues_cou
     extra = [
         Coupling(AtomRef(None, 1, "N"), AtomRef(None, 1, "H"), 3.0),  # first residue: NH3+
         Coupling(AtomRef(None, 6, "N"), AtomRef(None, 6, "H"), 3.0),  # proline
-        Coupling(AtomRef(None, 4, "CA"), AtomRef(None, 4, "HA2"), 3.0),  # glycine HA2, no model hydrogens
+        Coupling(AtomRef(None, 5, "CA"), AtomRef(None, 5, "HA2"), 3.0),  # leucine has no HA2
+        Coupling(AtomRef(None, 5, "CB"), AtomRef(None, 5, "HB2"), 3.0),  # HB2 is neither in the model nor placed
         Coupling(AtomRef(None, 90, "N"), AtomRef(None, 90, "H"), 3.0),  # not in the model
         Coupling(AtomRef(None, 91, "N"), AtomRef(None, 91, "HN"), 3.0),  # not in the model
     ]
@@ -445,13 +446,15 @@ def test_unbuildable_couplings_are_skipped_with_reasons_and_missing_residues_cou
     reasons = dict(obs.skipped)
     assert "first residue" in reasons["1N-H"]
     assert "proline" in reasons["6N-H"]
-    assert "glycine" in reasons["4CA-HA2"]
+    assert reasons["5CA-HA2"].startswith("unknown atom name") and reasons["5CB-HB2"].startswith("atom absent")
     rep = obs.report(*one(coords))
-    assert (rep["n"], rep["n_missing"], rep["n_skipped"]) == (len(data), 2, 3)
+    assert (rep["n"], rep["n_missing"], rep["n_skipped"]) == (len(data), 2, 4)
+    assert rep["n_unmapped"] == 6 and len(rep["unmapped"]) == 6 and rep["unmapped"][0].startswith("90N-H: residue absent")
+    assert rep["unmapped_reasons"] == {"residue absent": 2, "no amide H": 2, "unknown atom name": 1, "atom absent": 1}
     assert rep["q_factor"] < 1e-4
 
-    with pytest.raises(RDCError, match="unknown bond type CA-CG.*bond_lengths"):
-        RDCObservable(atoms, data=data + [Coupling(AtomRef(None, 5, "CA"), AtomRef(None, 5, "CG"), 1.0, source="x:3")])
+    with pytest.raises(RDCError, match=r"x:3: unknown atom name 'OD1'"):
+        RDCObservable(atoms, data=data + [Coupling(AtomRef(None, 11, "CA"), AtomRef(None, 11, "OD1"), 1.0, source="x:3")])
     with pytest.raises(RDCError, match="at least 6"):
         RDCObservable(atoms, data=data[:4])
     with pytest.raises(RDCError, match="needs data"):

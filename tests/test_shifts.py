@@ -286,3 +286,21 @@ def test_other_predictors_plug_in():
     np.testing.assert_allclose(np.asarray(by_path.predict(c, jnp.ones(1))), np.asarray(builtin.predict(c, jnp.ones(1))))
     with pytest.raises(ValueError, match="unknown shift predictor"):
         ShiftsObservable(atoms, data=data, predictor="sparta-plus")
+
+
+def test_shifts_the_model_cannot_take_are_counted_and_listed(shared_data):
+    """A model that lacks the data's last residues: their shifts are not used, a warning names them, and the report
+    counts and lists them by reason (never dropped silently)."""
+    atoms, coords = load_model(shared_data(PDB))
+    keep = np.asarray(atoms.res_seq) <= 93
+    trimmed = AtomInfo(*(np.asarray(getattr(atoms, f))[keep] for f in ("element", "atom_name", "res_name", "res_seq",
+                                                                       "chain_id")), coords=coords[None, keep])
+    with pytest.warns(UserWarning, match=r"shift\(s\) cannot be mapped onto the model .*residue absent: 94 H, 94 HA"):
+        obs = ShiftsObservable(trimmed, data=shared_data(BMRB))
+    rep = obs.report(jnp.asarray(coords[None, keep]), jnp.ones(1))
+    data = read_shifts(shared_data(BMRB))
+    absent = int(np.sum((data.res_seq > 93) & np.isin(data.nucleus, list(NUCLEI))))
+    assert absent > 0 and rep["unmapped_reasons"]["residue absent"] == absent
+    assert rep["n_unmapped"] == len(obs.dropped) >= absent
+    assert rep["unmapped"][0].startswith("94 ") and "residue absent" in rep["unmapped"][0]
+    assert rep["n_other_nuclei"] == float(np.sum(~np.isin(data.nucleus, list(NUCLEI))))
