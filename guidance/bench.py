@@ -973,7 +973,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg, cells = plan(argv)
-    except (BenchError, HydraException, OmegaConfBaseException) as exc:
+    except InputError as exc:  # a bad manifest, structure or option: one line
+        log.error("%s", " ".join(str(exc).split()))
+        return 1
+    except (HydraException, OmegaConfBaseException) as exc:
         log.error("%s: %s", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
         return 1
     out_dir = Path(cfg.out_dir).expanduser().resolve()

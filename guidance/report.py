@@ -282,3 +282,59 @@ def plot_r_by_resolution(bins: Sequence[Mapping[str, Any]], out_path, title: str
     if title:
         ax.set_title(title)
     return _save(fig, out_path)
+
+
+def plot_saxs_fit(q, intensity, sigma, model, out_path, title: str = "",
+                  guinier: Mapping[str, Any] | None = None) -> Path:
+    """A SAXS fit as it is read: log I(q) of the data with error bars and the fitted model above the normalised
+    residuals (I - I_model) / sigma, and a Kratky plot q^2 I(q) of both beside them (q in 1/A, I in the data's units;
+    ``model`` is the fitted c I_model at the data's q).  ``guinier`` (optional, the observable's report["guinier"]:
+    q_min, q_max, rg) shades the data's Guinier range on the log panel."""
+    q = np.asarray(q, dtype=np.float64).reshape(-1)
+    intensity = np.asarray(intensity, dtype=np.float64).reshape(-1)
+    sigma = np.asarray(sigma, dtype=np.float64).reshape(-1)
+    model = np.asarray(model, dtype=np.float64).reshape(-1)
+    if not (q.size == intensity.size == sigma.size == model.size):
+        raise ValueError(f"q, intensity, sigma and model differ in length ({q.size}, {intensity.size}, {sigma.size}, "
+                         f"{model.size})")
+    fig = _new_figure(10.0, 5.5)
+    grid = fig.add_gridspec(2, 2, height_ratios=[3, 1], width_ratios=[1.25, 1], hspace=0.05, wspace=0.32)
+    ax = fig.add_subplot(grid[0, 0])
+    res = fig.add_subplot(grid[1, 0], sharex=ax)
+    kratky = fig.add_subplot(grid[:, 1])
+
+    pos = intensity > 0  # a log axis shows the positive points; residuals and Kratky show them all
+    ax.errorbar(q[pos], intensity[pos], yerr=np.minimum(sigma[pos], 0.999 * intensity[pos]), fmt=".", ms=3,
+                color="0.35", ecolor="0.75", elinewidth=0.8, label="data")
+    ax.plot(q, model, "-", color="tab:red", lw=1.4, label="fit")
+    ax.set_yscale("log")
+    if pos.any():  # error bars reaching towards 0 would stretch the log axis over decades of nothing
+        top = max(float(intensity[pos].max()), float(model[model > 0].max()) if (model > 0).any() else 0.0)
+        ax.set_ylim(0.5 * float(np.percentile(intensity[pos], 1)), 2.0 * top)
+    ax.set_ylabel("I(q)")
+    if guinier and all(_has_data(np.array([_to_float(guinier.get(k))])) for k in ("q_min", "q_max")):
+        label = "Guinier range"
+        if _has_data(np.array([_to_float(guinier.get("rg"))])):
+            label += f" (Rg {float(guinier['rg']):.1f} A)"
+        ax.axvspan(float(guinier["q_min"]), float(guinier["q_max"]), color="tab:green", alpha=0.12, label=label)
+    ax.legend(frameon=False, fontsize="small")
+    ax.tick_params(labelbottom=False)
+    if title:
+        ax.set_title(title)
+
+    ok = sigma > 0
+    res.axhline(0.0, color="0.5", lw=0.8)
+    res.plot(q[ok], (intensity[ok] - model[ok]) / sigma[ok], ".", ms=3, color="tab:blue")
+    res.set_xlabel("q (1/A)")
+    res.set_ylabel("(I - fit) / sigma")
+
+    kratky.plot(q, q**2 * intensity, ".", ms=3, color="0.35", label="data")
+    kratky.plot(q, q**2 * model, "-", color="tab:red", lw=1.4, label="fit")
+    kratky.set_xlabel("q (1/A)")
+    kratky.set_ylabel("q^2 I(q)")
+    kratky.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4))
+    kratky.set_title("Kratky", fontsize="medium")
+    kratky.legend(frameon=False, fontsize="small")
+    for a in (ax, res, kratky):
+        a.grid(alpha=0.3)
+    return _save(fig, out_path)

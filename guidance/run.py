@@ -457,19 +457,27 @@ def run(cfg, out_dir: Path) -> dict:
     conf = read_structure(structure)
     log.info("structure %s: %d atoms, %d conformer(s) %s (%s), weights %s", structure, len(conf.layout),
              len(conf.ids), list(conf.ids), conf.kind, np.round(conf.weights, 3).tolist())
+    if conf.contents.get("chains"):
+        log.info("the observables see chain(s) %s of %s", ", ".join(conf.contents["chains"]),
+                 f"models {conf.contents['models_read'][0]}-{conf.contents['models_read'][-1]}"
+                 if len(conf.contents.get("models_read", [])) > 1 else f"model {conf.contents['model']}")
     truth = read_structure(cfg.reference) if cfg.get("reference") else (conf if len(conf.ids) > 1 else None)
     if cfg.mode == "score":
-        metrics = score(cfg, conf, demo_data, truth if cfg.get("reference") else None)
+        metrics = score(cfg, conf, demo_data, truth if cfg.get("reference") else None, out_dir)
     elif cfg.mode == "sample":
         metrics = sample(cfg, conf, demo_data, truth, out_dir)
     else:
         raise UserError(f"unknown mode {cfg.mode!r}; use mode=sample or mode=score")
+    if conf.contents:  # what of the input file the run used: model, chains, atoms, ligands; what it ignored
+        metrics["structure"] = {"file": str(structure), "conformers": list(conf.ids), "kind": conf.kind,
+                                **conf.contents}
     metrics["runtime_s"] = time.perf_counter() - t0
     return metrics
 
 
-def score(cfg, conf, demo_data, truth) -> dict:
-    """Evaluate the structure's own conformers (models / altlocs at their weights) against the observables."""
+def score(cfg, conf, demo_data, truth, out_dir: Path | None = None) -> dict:
+    """Evaluate the structure's own conformers (models / altlocs at their weights) against the observables; the data
+    plots (SAXS fit, R by resolution, map slice) go to ``out_dir/plots`` when ``output.plots`` is on."""
     from guidance.metrics import geometry_report
     from guidance.objective import Objective
 
@@ -483,6 +491,8 @@ def score(cfg, conf, demo_data, truth) -> dict:
                "geometry": geometry_report(conf.layout, members)}
     if truth is not None:
         metrics["reference"] = reference_block(conf.layout, members, mweights, truth)
+    if out_dir is not None and cfg.output.plots:
+        _data_plots(out_dir / "plots", objective, members, mweights, metrics["observables"])
     return metrics
 
 
@@ -668,11 +678,19 @@ def _steer(predictor, x, steps, schedule, gen, p, e, objective, dps, fk, n_steps
 
 
 def _plots(plots: Path, trajectory, objective, members, uniform, mweights, refined: bool, reports: dict) -> None:
-    from guidance.report import plot_map_slice, plot_trajectory, plot_weights
+    from guidance.report import plot_trajectory, plot_weights
 
     plot_trajectory(trajectory, plots / "trajectory.png")
     if refined:
         plot_weights(uniform, mweights, plots / "weights.png")
+    _data_plots(plots, objective, members, mweights, reports)
+
+
+def _data_plots(plots: Path, objective, members, mweights, reports: dict) -> None:
+    """The plots of the fit to each observable's data: R by resolution (xray), map slice (density), SAXS fit."""
+    from guidance.report import plot_map_slice
+
+    plots.mkdir(parents=True, exist_ok=True)
     if "xray" in reports:
         from guidance.report import plot_r_by_resolution
 
@@ -684,6 +702,14 @@ def _plots(plots: Path, trajectory, objective, members, uniform, mweights, refin
             model = np.asarray(obs.predict(members, mweights))
             plot_map_slice(obs.grid.values, model, obs.grid.origin, obs.grid.spacing, plots / "map_slice.png",
                            atoms_xyz=members.reshape(-1, 3), title="map (grey) and ensemble density (contours)")
+        elif t.name == "saxs":
+            from guidance.report import plot_saxs_fit
+
+            obs, rep = t.observable, reports.get("saxs", {})
+            prof = obs.profile
+            title = f"chi2 {rep['chi2']:.3g}, model Rg {rep['rg']:.1f} A" if "chi2" in rep else ""
+            plot_saxs_fit(prof.q, prof.intensity, prof.sigma, np.asarray(obs.predict(members, mweights)),
+                          plots / "saxs_fit.png", title=title, guinier=rep.get("guinier"))
 
 
 # ----------------------------------------------------------------------------------------------- entry point

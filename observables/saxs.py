@@ -56,16 +56,18 @@ sin(x) is a Cody-Waite range reduction and a degree-11 polynomial (|error| < 1e-
 CPU), and every sum over q or atoms in the kernels is a dot product (XLA's CPU reductions are several times slower).
 
 Conventions: coordinates in A, ``coords [E, N, 3]`` float32 with member weights ``[E]``; q in 1/A inside the module
-(profiles in 1/nm are converted on reading); intensities in the data's arbitrary units (the scale c absorbs them).
+(profiles in 1/nm are converted on reading, ``read_profile``); intensities in the data's arbitrary units (the scale c
+absorbs them).  The report carries the data's Guinier analysis (``guinier_analysis``) beside the model's Rg.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import gemmi
@@ -79,18 +81,23 @@ from observables.form_factors import it92, normalise_element
 
 __all__ = [
     "EXCLUDED_VOLUME_CONVENTIONS",
+    "MIN_POINTS",
     "RHO_WATER",
+    "SIGMA_MODELS",
     "DebyeKernel",
     "SaxsDataError",
     "SaxsObservable",
     "SaxsProfile",
     "exposure",
     "form_factor_table",
+    "guinier_analysis",
     "guinier_rg",
     "implicit_hydrogens",
     "read_profile",
     "spline_matrix",
 ]
+
+log = logging.getLogger(__name__)
 
 RHO_WATER = 0.334  # e/A^3, electron density of bulk water (FoXS, CRYSOL)
 
@@ -339,7 +346,7 @@ class DebyeKernel:
         self.n_channels = int(n_channels)
         self.block_size = int(block_size) if block_size else _auto_block(len(self.q), self.n_atoms)
         if self.block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {block_size}")
+            raise SaxsDataError(f"block_size must be >= 1, got {block_size}")
         self.grad_channels = tuple(range(self.n_channels)) if grad_channels is None else tuple(grad_channels)
         self.n_blocks = max(1, -(-self.n_atoms // self.block_size))
         self.n_padded = self.n_blocks * self.block_size
@@ -494,12 +501,15 @@ def exposure(x, heavy: np.ndarray, block_size: int = 256):
 
 @dataclass(frozen=True, eq=False)
 class SaxsProfile:
-    """An experimental profile: q [M] (1/A), intensity [M], sigma [M] (> 0), and where it came from."""
+    """An experimental profile: q [M] (1/A), intensity [M], sigma [M] (> 0), where it came from, and what the reader
+    found (``info``: header lines, units and their reason, skipped / dropped lines, ignored columns; see
+    ``read_profile``)."""
 
     q: np.ndarray
     intensity: np.ndarray
     sigma: np.ndarray
     source: str = "<memory>"
+    info: dict = field(default_factory=dict)
 
     def __post_init__(self):
         q, i, s = (np.asarray(a, dtype=np.float64).reshape(-1) for a in (self.q, self.intensity, self.sigma))
@@ -527,103 +537,447 @@ class SaxsProfile:
             keep &= self.q <= q_max
         if not keep.any():
             raise SaxsDataError(f"{self.source}: no points with {q_min} <= q <= {q_max} 1/A "
-                                f"(the data span {self.q.min():.4g} to {self.q.max():.4g} 1/A)")
-        return SaxsProfile(self.q[keep], self.intensity[keep], self.sigma[keep], self.source)
+                                f"(the data span {self.q.min():.4g} to {self.q.max():.4g} 1/A): widen q_min / q_max")
+        return SaxsProfile(self.q[keep], self.intensity[keep], self.sigma[keep], self.source, dict(self.info))
 
 
-_Q_NM_THRESHOLD = 1.0  # auto units: a largest q above this is read as 1/nm (SAXS rarely reaches 1 1/A, nor 1 1/nm)
-_COMMENT = re.compile(r"^\s*[#!%;]")
+# --------------------------------------------------------------------------------------------------------------- reader
+#
+# One rule for every text profile (beamline / SASBDB / ATSAS .dat, BioXTAS RAW .dat and CSV, FoXS .dat, CRYSOL .fit,
+# GNOM .out): the data are the longest block of numeric lines with increasing q.
+# - A line is numeric when every token (separators: whitespace, commas, semicolons; text after # or ! is a comment)
+#   is a number (Fortran D exponents and nan/inf included).  Lines starting with # ! % ; or // are comments.
+# - A block is a run of numeric lines that no text line interrupts (blank and comment lines do not); the block with
+#   the most lines of >= 2 numbers is the data, everything before it is the header and after it the footer.
+# - Columns: the block's usual count of numbers per line (>= 3: q, I, sigma, the rest ignored with a note; 2: q, I
+#   without errors, refused unless ``sigma_model``).  Shorter lines at the block's ends (GNOM's extrapolation to q = 0,
+#   which carries only S and I REG) and CRYSOL's I = sigma = 0 rows outside the measured range are skipped with a
+#   note; shorter lines inside the block are missing values (bad points).
+# - Bad points -- a non-finite value, q < 0, sigma <= 0, a missing value, duplicate or decreasing q -- are an error
+#   naming the file and line, unless ``drop_bad_points`` (then the fewest lines that make q increase are dropped:
+#   a longest increasing subsequence).
+MIN_POINTS = 10  # fewer usable points than this cannot constrain a fit (nor a Guinier analysis)
+_Q_NM_THRESHOLD = 1.0  # auto units without a unit in the header: a largest q above this (1/A) is read as 1/nm
+_Q_UNITS = {"auto": "auto", "a": "A", "1/a": "A", "a^-1": "A", "angstrom": "A", "nm": "nm", "1/nm": "nm",
+            "nm^-1": "nm"}
+SIGMA_MODELS = ("relative", "poisson")
+_SIGMA_FLOOR = 1e-4  # made-up sigmas use max(|I|, _SIGMA_FLOOR max|I|): a zero intensity does not get zero error
+_HEADER_LINES, _HEADER_CHARS = 6, 120  # what the report keeps of the header / footer
+_COMMENT_START = ("#", "!", "%", ";", "//")
+_TOKEN_SPLIT = re.compile(r"[\s,;]+")
+_NUMBER = re.compile(r"[+-]?(?:(?:\d+\.?\d*|\.\d+)(?:[eEdD][+-]?\d+)?|nan|inf|infinity)", re.IGNORECASE)
+# units named in a header: inverse nanometres / inverse angstroms (1/nm, nm^-1, nm-1, nm**-1, 1/A, A^-1, 1/Å, Å-1, ...)
+_UNIT_NM = re.compile(r"(?:1\s*/\s*nm\b|\bnm\s*(?:\^|\*\*)?\s*[-−]\s*1\b|nm⁻¹|inverse\s+nanomet)", re.IGNORECASE)
+_UNIT_A = re.compile(r"(?:1\s*/\s*(?:A|Å|ang|angstroms?)\b"
+                     r"|(?<![A-Za-z])(?:A|Å|ang|angstroms?)\s*(?:\^|\*\*)?\s*[-−]\s*1\b"
+                     r"|Å⁻¹|A⁻¹|inverse\s+(?:angstrom|ångström))", re.IGNORECASE)
 
 
-def read_profile(path: str | Path, q_units: str = "auto") -> SaxsProfile:
-    """Read a SAXS profile: whitespace-separated columns q, I, sigma (extra columns ignored).
+def _parse_number(token: str) -> float | None:
+    if not _NUMBER.fullmatch(token):
+        return None
+    return float(token.replace("D", "e").replace("d", "e")) if token[-1:].isdigit() else float(token)
 
-    Header lines (any text before the first numeric line, e.g. a title) and comment lines (#, !, %, ;) are skipped;
-    trailing DOS end-of-file bytes (0x1A) are ignored.  Any other line that is not three numbers raises SaxsDataError
-    naming the file and line.  Points with sigma <= 0 are dropped with a warning.  ``q_units``: "A" (1/A), "nm" (1/nm,
-    converted to 1/A) or "auto" (1/nm when the largest q exceeds 1.0, else 1/A).
+
+def _classify(line: str):
+    """('blank', None) | ('comment', text) | ('num', values) | ('text', text) for one line of a profile."""
+    s = line.replace("\x1a", "").replace("\ufeff", "").strip()
+    if not s:
+        return "blank", None
+    if s.startswith(_COMMENT_START):
+        return "comment", s
+    body = re.split(r"[#!]", s, maxsplit=1)[0].strip()
+    if not body:
+        return "comment", s
+    if ";" in body and "," in body and "." not in body:  # 0,0101;5,85;0,16: decimal commas, semicolon separators
+        body = body.replace(",", ".")
+    values = []
+    for tok in _TOKEN_SPLIT.split(body):
+        if not tok:
+            continue
+        v = _parse_number(tok)
+        if v is None:
+            return "text", s
+        values.append(v)
+    return ("num", tuple(values)) if values else ("text", s)
+
+
+def _line_list(lines: Sequence[int], limit: int = 6) -> str:
+    """'3, 4, 9' or '3, 4, 9, ... (12 lines)'; runs of consecutive lines as 'a-b'."""
+    runs, start = [], None
+    for k, n in enumerate(lines):
+        if start is None:
+            start = n
+        if k + 1 == len(lines) or lines[k + 1] != n + 1:
+            runs.append(f"{start}-{n}" if n > start else f"{start}")
+            start = None
+    text = ", ".join(runs[:limit])
+    return text + (f", ... ({len(lines)} lines)" if len(runs) > limit else "")
+
+
+def _clip(lines: Sequence[str]) -> list[str]:
+    out = [s if len(s) <= _HEADER_CHARS else s[: _HEADER_CHARS - 3] + "..." for s in lines[:_HEADER_LINES]]
+    if len(lines) > _HEADER_LINES:
+        out.append(f"... ({len(lines) - _HEADER_LINES} more lines)")
+    return out
+
+
+def _increasing_subsequence(q: np.ndarray) -> np.ndarray:
+    """Indices of a longest strictly increasing subsequence of q (patience sorting, O(n log n)); of equal q values the
+    first is kept."""
+    tails, tail_idx, prev = [], [], np.full(len(q), -1)
+    for i, v in enumerate(q):
+        k = int(np.searchsorted(tails, v, side="left"))
+        if k < len(tails) and tails[k] == v:  # a duplicate q: the first line of equal q stays
+            continue
+        if k == len(tails):
+            tails.append(v)
+            tail_idx.append(i)
+        else:
+            tails[k] = v
+            tail_idx[k] = i
+        prev[i] = tail_idx[k - 1] if k > 0 else -1
+    out, i = [], tail_idx[-1] if tail_idx else -1
+    while i >= 0:
+        out.append(i)
+        i = prev[i]
+    return np.array(out[::-1], dtype=int)
+
+
+def _bad_kind(reason: str) -> str:
+    """The kind of a bad line's reason, for the report's list ("sigma = -1 <= 0 (...)" -> "sigma <= 0")."""
+    for kind in ("not a line of numbers", "a value is missing", "non-finite value", "negative q", "sigma", "duplicate q",
+                 "q decreases", "q out of order"):
+        if kind in reason:
+            return "sigma <= 0" if kind == "sigma" else kind
+    return reason[:40]
+
+
+def _q_units_option(q_units) -> str:
+    key = str(q_units).strip().lower().replace("å", "a") if q_units is not None else "auto"
+    if key not in _Q_UNITS:
+        raise SaxsDataError(f"q_units {q_units!r} is not a unit of q: set q_units to auto (detect from the header or "
+                            "the q range), A (1/A) or nm (1/nm)")
+    return _Q_UNITS[key]
+
+
+def _check_sigma_options(sigma_model, sigma_fraction) -> str | None:
+    model = None if sigma_model in (None, False, "none", "null", "") else str(sigma_model).strip().lower()
+    if model is not None and model not in SIGMA_MODELS:
+        raise SaxsDataError(f"sigma_model {sigma_model!r} is not one of {', '.join(SIGMA_MODELS)}: set sigma_model to "
+                            "null (use the file's sigma column), relative or poisson")
+    try:
+        fraction = float(sigma_fraction)
+    except (TypeError, ValueError):
+        fraction = math.nan
+    if not (0.0 < fraction < 1.0):
+        raise SaxsDataError(f"sigma_fraction must be a number in (0, 1), got {sigma_fraction!r}: set sigma_fraction "
+                            "to e.g. 0.03 (3 % of I)")
+    return model
+
+
+def _model_sigma(intensity: np.ndarray, model: str, fraction: float) -> np.ndarray:
+    """Made-up errors: relative sigma = f max(|I|, floor); poisson sigma = f sqrt(I_max max(|I|, floor)) -- counting
+    statistics scaled so that the strongest point has relative error f (floor = _SIGMA_FLOOR I_max)."""
+    finite = np.abs(intensity[np.isfinite(intensity)])
+    top = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+    mag = np.maximum(np.abs(intensity), _SIGMA_FLOOR * top)
+    if model == "relative":
+        return fraction * mag
+    return fraction * np.sqrt(top * mag)
+
+
+def read_profile(path: str | Path, q_units: str = "auto", sigma_model: str | None = None,
+                 sigma_fraction: float = 0.03, drop_bad_points: bool = False) -> SaxsProfile:
+    """Read a SAXS profile written by a beamline pipeline, SASBDB, ATSAS (.dat, CRYSOL .fit, GNOM .out), BioXTAS RAW
+    (.dat, CSV) or FoXS: the columns q, I, sigma of the longest block of numeric lines with increasing q (the rule is
+    in the comment above; extra columns are ignored with a note).
+
+    ``q_units``: "auto" (default), "A" (1/A) or "nm" (1/nm, divided by 10).  auto: a header (the lines before the
+    data) that names one unit -- 1/nm, nm^-1, nm-1 or 1/A, A^-1, 1/Å ... -- decides; otherwise a largest q above 1.0
+    is read as 1/nm (protein SAXS in 1/A rarely goes beyond 0.6, the same data in 1/nm reach 2-6), else 1/A.  The
+    choice and its reason are logged and kept in ``info``.
+    ``sigma_model``: None (use the file's sigma; a file of q, I only is refused), "relative" (sigma = sigma_fraction
+    |I|) or "poisson" (sigma = sigma_fraction sqrt(I_max |I|)); given with a file that has sigmas, it replaces them.
+    ``drop_bad_points``: drop non-finite / negative-q / sigma <= 0 / incomplete / duplicate-q / out-of-order lines
+    (with a warning and a count in ``info``) instead of raising.
+    Every problem raises SaxsDataError with one line naming the file (and line) and the fix.  ``info`` holds:
+    n_points, n_rows (numeric lines in the data block), block_lines, q_min/q_max (1/A), q_units, q_units_reason,
+    columns, ignored_columns, header, footer, skipped, dropped, sigma_model, other_blocks, notes.
     """
     path = Path(path)
-    if q_units not in ("auto", "A", "nm"):
-        raise ValueError(f"q_units must be 'auto', 'A' or 'nm', got {q_units!r}")
+    units_opt = _q_units_option(q_units)
+    model = _check_sigma_options(sigma_model, sigma_fraction)
+    fraction = float(sigma_fraction)
+    if path.is_dir():
+        raise SaxsDataError(f"{path}: cannot read the SAXS profile: it is a directory (set data to a .dat file)")
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        raise SaxsDataError(f"{path}: cannot read the SAXS profile ({exc.strerror or exc})") from None
-    text = raw.decode("utf-8", errors="replace").rstrip(" \t\r\n\x1a")
-    rows, lines_of_rows = [], []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        stripped = line.strip().rstrip("\x1a").strip()
-        if not stripped or _COMMENT.match(stripped):
+        reason = "no such file" if isinstance(exc, FileNotFoundError) else (exc.strerror or str(exc))
+        raise SaxsDataError(f"{path}: cannot read the SAXS profile: {reason} (set data to a .dat file with columns "
+                            "q, I, sigma)") from None
+    if not raw.strip(b" \t\r\n\x1a"):
+        raise SaxsDataError(f"{path}: the file is empty; expected a SAXS profile with columns q, I, sigma")
+    if raw[:2] == b"\x1f\x8b":
+        raise SaxsDataError(f"{path}: a gzip-compressed file; decompress it (gunzip) and give the .dat file")
+    head = raw[:65536]
+    control = sum(head.count(bytes([b])) for b in range(32) if b not in (9, 10, 11, 12, 13, 26))
+    if b"\x00" in head or control > 0.01 * len(head):
+        offset = head.find(b"\x00") if b"\x00" in head else next(
+            k for k, b in enumerate(head) if b < 32 and b not in (9, 10, 11, 12, 13, 26))
+        raise SaxsDataError(f"{path}: not a text file (binary byte 0x{head[offset]:02x} at offset {offset}); expected "
+                            "a text SAXS profile with columns q, I, sigma")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("latin-1")
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+
+    # 1. classify lines; blocks = runs of numeric lines not interrupted by text.  A text line that starts with a
+    # number (0.02 x 0.1, 0.02 1.0 NA) inside a run is a damaged data line, not a section break: it stays in the block
+    # as a bad line (at the end of a run it is footer).
+    kinds = [_classify(line) for line in lines]
+    blocks, current, garbled = [], [], {}
+
+    def close():
+        while current and current[-1][0] in garbled:
+            current.pop()
+        if current:
+            blocks.append(list(current))
+        current.clear()
+
+    for lineno, (kind, value) in enumerate(kinds, start=1):
+        if kind == "num":
+            current.append((lineno, value))
+        elif kind == "text" and current:
+            first = _TOKEN_SPLIT.split(value, maxsplit=1)[0]
+            if _parse_number(first) is not None:
+                garbled[lineno] = value
+                current.append((lineno, ()))
+            else:
+                close()
+    close()
+    scores = [sum(len(v) >= 2 for _, v in b) for b in blocks]
+    if not blocks or max(scores) == 0:
+        n_text = sum(k == "text" for k, _ in kinds)
+        raise SaxsDataError(f"{path}: no data lines (expected lines of numbers q, I, sigma; found {n_text} text "
+                            f"line(s) and no such block)")
+    best = int(np.argmax(scores))
+    block = blocks[best]
+    first_line, last_line = block[0][0], block[-1][0]
+    notes: list[str] = []
+    other_blocks = [f"lines {b[0][0]}-{b[-1][0]} ({len(b)} numeric lines)" for k, b in enumerate(blocks)
+                    if k != best and scores[k] > 0]
+    if other_blocks:
+        notes.append(f"other numeric blocks ignored (the data are the longest block, lines {first_line}-{last_line}): "
+                     + "; ".join(other_blocks[:4]))
+
+    # 2. columns: the block's usual number of values per line
+    counts = np.array([len(v) for _, v in block])
+    values_, freq = np.unique(counts[counts >= 2], return_counts=True)
+    ncol = int(values_[freq == freq.max()].max())
+    has_sigma = ncol >= 3
+    need = 3 if has_sigma else 2
+    full = np.flatnonzero(counts >= need)
+    if not has_sigma and model is None:
+        raise SaxsDataError(f"{path}:{block[full[0]][0]}: the data have 2 columns (q, I) and no sigma; the chi^2 fit "
+                            "needs errors: give a file with q, I, sigma or set sigma_model: relative (sigma = "
+                            "sigma_fraction x I) or poisson")
+    lo, hi = int(full[0]), int(full[-1])
+    skipped: list[dict] = []
+    edge = [block[k][0] for k in list(range(lo)) + list(range(hi + 1, len(block)))]
+    if edge:
+        skipped.append({"reason": f"fewer than {need} numbers at the ends of the data block (e.g. GNOM's "
+                                  "extrapolated rows with only S and I REG)",
+                        "lines": _line_list(edge), "count": len(edge)})
+    rows = block[lo:hi + 1]
+    lineno = np.array([r[0] for r in rows])
+    incomplete = np.array([len(r[1]) < need for r in rows])
+    data = np.full((len(rows), 3), np.nan)
+    for k, (_, v) in enumerate(rows):
+        data[k, : min(len(v), need)] = v[:need]
+    column_names = None
+    for kind, value in reversed(kinds[: first_line - 1]):
+        if kind in ("comment", "text"):
+            name = value.lstrip("#!%;/ ").strip()
+            if name and not any(_parse_number(t) is not None for t in _TOKEN_SPLIT.split(name) if t):
+                column_names = name[:_HEADER_CHARS]
+            break
+        if kind == "num":
+            break
+    ignored_columns = []
+    if ncol > 3:
+        ignored_columns = list(range(4, ncol + 1))
+        cols = "column 4" if ncol == 4 else f"columns 4-{ncol}"
+        notes.append(f"{cols} ignored: q, I, sigma are columns 1-3"
+                     + (f" (header: {column_names})" if column_names else ""))
+    if np.any((counts[lo:hi + 1] > ncol)):
+        notes.append(f"lines {_line_list(list(lineno[counts[lo:hi + 1] > ncol]))}: more than {ncol} numbers; "
+                     "the extra ones are ignored")
+
+    # 3. CRYSOL-style placeholders: I = sigma = 0 at the ends of the block (no measurement there)
+    keep = np.ones(len(rows), bool)
+    if has_sigma:
+        empty = (data[:, 1] == 0) & (data[:, 2] == 0) & ~incomplete
+        k0 = 0
+        while k0 < len(rows) and empty[k0]:
+            k0 += 1
+        k1 = len(rows)
+        while k1 > k0 and empty[k1 - 1]:
+            k1 -= 1
+        placeholder = np.zeros(len(rows), bool)
+        placeholder[:k0] = placeholder[k1:] = True
+        if placeholder.any():
+            skipped.append({"reason": "I = sigma = 0 (no measurement, as CRYSOL writes outside the measured range)",
+                            "lines": _line_list(list(lineno[placeholder])), "count": int(placeholder.sum())})
+            keep &= ~placeholder
+
+    # 4. sigma
+    if model is not None:
+        data[:, 2] = _model_sigma(data[:, 1], model, fraction)
+        formula = "sigma_fraction x |I|" if model == "relative" else "sigma_fraction x sqrt(I_max |I|)"
+        notes.append(f"sigma made up by sigma_model={model} ({formula}, sigma_fraction={fraction:g})"
+                     + ("; it replaces the file's sigma column" if has_sigma else "; the file has no sigma column")
+                     + ": chi^2 is then relative, not a goodness of fit")
+        incomplete &= np.array([len(r[1]) < 2 for r in rows])  # only q and I are needed now
+
+    # 5. bad points
+    bad_reason: dict[int, str] = {}
+    for k in np.flatnonzero(keep):
+        q, i, s = data[k]
+        if lineno[k] in garbled:
+            bad_reason[k] = f"not a line of numbers: {garbled[lineno[k]][:60]!r}"
+        elif incomplete[k]:
+            bad_reason[k] = (f"{len(rows[k][1])} number(s) where the data have {need} (q, I, sigma): a value is "
+                             "missing")
+        elif not (math.isfinite(q) and math.isfinite(i) and math.isfinite(s)):
+            bad_reason[k] = f"non-finite value in {lines[lineno[k] - 1].strip()[:60]!r}"
+        elif q < 0:
+            bad_reason[k] = f"negative q = {q:g}"
+        elif s <= 0:
+            bad_reason[k] = f"sigma = {s:g} <= 0 (errors must be positive)"
+    ok = keep.copy()
+    ok[list(bad_reason)] = False
+    cand = np.flatnonzero(ok)
+    order_bad: dict[int, str] = {}
+    prev = None
+    for k in cand:  # q must increase strictly: the first violations, line by line
+        if prev is not None and data[k, 0] <= data[prev, 0]:
+            what = "duplicate q" if data[k, 0] == data[prev, 0] else "q decreases"
+            order_bad[k] = (f"{what}: q = {data[k, 0]:g} after q = {data[prev, 0]:g} on line {lineno[prev]} "
+                            "(q must increase through the data block)")
             continue
-        tokens = stripped.split()
-        try:
-            float(tokens[0])
-        except ValueError:
-            if not rows:
-                continue  # header / title line
-            raise SaxsDataError(f"{path}:{lineno}: expected three numbers (q, I, sigma), got {stripped!r}") from None
-        if len(tokens) < 3:
-            raise SaxsDataError(
-                f"{path}:{lineno}: expected three columns (q, I, sigma), got {len(tokens)}: {stripped!r} "
-                "(a profile without errors cannot be fitted by chi^2)"
-            )
-        try:
-            values = [float(t) for t in tokens[:3]]
-        except ValueError:
-            raise SaxsDataError(f"{path}:{lineno}: expected three numbers (q, I, sigma), got {stripped!r}") from None
-        if not all(math.isfinite(v) for v in values):
-            raise SaxsDataError(f"{path}:{lineno}: non-finite value in {stripped!r}")
-        rows.append(values)
-        lines_of_rows.append(lineno)
-    if not rows:
-        raise SaxsDataError(f"{path}: no data lines (expected columns q, I, sigma)")
-    data = np.array(rows, dtype=np.float64)
-    if np.any(data[:, 0] < 0):
-        bad = lines_of_rows[int(np.argmax(data[:, 0] < 0))]
-        raise SaxsDataError(f"{path}:{bad}: negative q")
-    bad_sigma = data[:, 2] <= 0
-    if bad_sigma.any():
-        lines = [lines_of_rows[k] for k in np.flatnonzero(bad_sigma)]
-        shown = ", ".join(map(str, lines[:5])) + (" ..." if len(lines) > 5 else "")
-        warnings.warn(f"{path}: dropped {len(lines)} point(s) with sigma <= 0 (line(s) {shown})", stacklevel=2)
-        data = data[~bad_sigma]
-        if len(data) == 0:
-            raise SaxsDataError(f"{path}: every point has sigma <= 0")
-    units = q_units
-    if units == "auto":
-        units = "nm" if data[:, 0].max() > _Q_NM_THRESHOLD else "A"
-    q = data[:, 0] / 10.0 if units == "nm" else data[:, 0]
-    return SaxsProfile(q=q, intensity=data[:, 1], sigma=data[:, 2], source=str(path))
+        prev = k
+    if drop_bad_points:
+        inc = cand[_increasing_subsequence(data[cand, 0])] if len(cand) else cand
+        out_of_order = np.setdiff1d(cand, inc)
+        for k in out_of_order:
+            bad_reason[int(k)] = order_bad.get(int(k), "q out of order (dropped to keep q increasing)")
+        ok[:] = False
+        ok[inc] = True
+    else:
+        bad_reason.update(order_bad)
+        if bad_reason:
+            k = min(bad_reason)
+            more = f" ({len(bad_reason)} bad lines in all)" if len(bad_reason) > 1 else ""
+            raise SaxsDataError(f"{path}:{lineno[k]}: {bad_reason[k]}{more}; fix the file or set drop_bad_points: "
+                                "true to drop such lines")
+    dropped = {"count": len(bad_reason), "lines": _line_list([int(lineno[k]) for k in sorted(bad_reason)]),
+               "reasons": sorted({_bad_kind(r) for r in bad_reason.values()})} \
+        if bad_reason else {"count": 0}
+    if bad_reason:
+        warnings.warn(f"{path}: dropped {len(bad_reason)} bad point(s) (line(s) {dropped['lines']}): "
+                      f"{', '.join(dropped['reasons'])}", stacklevel=2)
+    use = np.flatnonzero(ok)
+    if len(use) < MIN_POINTS:
+        where_ = f"lines {first_line}-{last_line}" if len(use) else "none usable"
+        raise SaxsDataError(f"{path}: only {len(use)} usable data point(s) ({where_}); need at least {MIN_POINTS} "
+                            "lines of q, I, sigma for a fit")
+    q, intensity, sigma = data[use, 0], data[use, 1], data[use, 2]
+
+    # 6. units
+    header_lines = [v for kind, v in kinds[: first_line - 1] if kind in ("comment", "text")]
+    said_nm = any(_UNIT_NM.search(h) for h in header_lines)
+    said_a = any(_UNIT_A.search(h) for h in header_lines)
+    qmax_file = float(q.max())
+    if units_opt != "auto":
+        units, reason = units_opt, "set by the q_units option"
+    elif said_nm and not said_a:
+        units, reason = "nm", "the header names 1/nm"
+    elif said_a and not said_nm:
+        units, reason = "A", "the header names 1/A"
+    elif qmax_file > _Q_NM_THRESHOLD:
+        units, reason = "nm", (f"largest q {qmax_file:.4g} > {_Q_NM_THRESHOLD:g} (no unit in the header): 1/nm "
+                               "(set q_units: A if it is 1/A)")
+    else:
+        units, reason = "A", (f"largest q {qmax_file:.4g} <= {_Q_NM_THRESHOLD:g} (no unit in the header): 1/A "
+                              "(set q_units: nm if it is 1/nm)")
+    if units == "nm":
+        q = q / 10.0
+    if units_opt == "auto" and ((units == "A" and qmax_file > 2.0) or (units == "nm" and qmax_file < 0.2)):
+        notes.append(f"q units {units} give q_max = {q.max():.4g} 1/A, unusual for SAXS: check q_units")
+    log.info("%s: q in 1/%s (%s)", path, units, reason)
+
+    info = {
+        "file": str(path), "n_points": int(len(q)), "n_rows": len(block), "block_lines": [first_line, last_line],
+        "q_min": float(q.min()), "q_max": float(q.max()), "q_units": units, "q_units_reason": reason,
+        "columns": ncol, "column_names": column_names, "ignored_columns": ignored_columns,
+        "header": _clip([h for h in header_lines if h]),
+        "footer": _clip([v for kind, v in kinds[last_line:] if kind in ("comment", "text") and v]),
+        "skipped": skipped, "dropped": dropped, "sigma_model": model, "other_blocks": other_blocks, "notes": notes,
+    }
+    for s in skipped:
+        notes.insert(0, f"skipped {s['count']} line(s) ({s['lines']}): {s['reason']}")
+    for note in notes:
+        log.info("%s: %s", path, note)
+    return SaxsProfile(q=q, intensity=intensity, sigma=sigma, source=str(path), info=info)
 
 
-def guinier_rg(q, intensity, sigma=None, qrg_max: float = 1.3, min_points: int = 5) -> tuple[float, float, int]:
-    """Radius of gyration (A) from the Guinier law ln I = ln I0 - Rg^2 q^2 / 3 over the points with q Rg < qrg_max.
+# ------------------------------------------------------------------------------------------------------------- Guinier
 
-    Weighted least squares of ln I on q^2 (weights (I / sigma)^2), starting from the first ``min_points`` * 2 points and
-    repeated on the points with q Rg < qrg_max until that set no longer changes.  Returns (Rg, I0, points used).
+
+def guinier_analysis(q, intensity, sigma=None, qrg_max: float = 1.3, min_points: int = 5) -> dict:
+    """Guinier analysis (Guinier 1939, Ann. Phys. 12:161; standard practice, e.g. Putnam et al. 2007, Q. Rev. Biophys.
+    40:191): ln I(q) = ln I0 - q^2 Rg^2 / 3, valid for q Rg up to about 1.3 for a globular particle.
+
+    Weighted least squares of ln I on q^2 (weights (I / sigma)^2, i.e. sigma(ln I) = sigma / I; without sigma 1 % of
+    I) over the points with q Rg < ``qrg_max``, from the lowest q: it starts from the points before the intensity
+    falls below exp(-qrg_max^2 / 3) of its low-q level (where q Rg = qrg_max on a Guinier curve; at least 2
+    ``min_points`` points) and is repeated on the points with q Rg < qrg_max until that set no longer changes.
+    Points with I <= 0 are left out.  Units: Rg in the inverse of q's unit (A for q in 1/A), I0 in the data's.
+    Returns a dict: rg, rg_error and i0, i0_error (1-sigma, from the fit's covariance with the given sigmas), q_min,
+    q_max (the range used), qmin_rg, qmax_rg, n_points, qrg_max.  Raises SaxsDataError when the fit is not possible (too few points, ln I rising).
     """
     q = np.asarray(q, np.float64)
     intensity = np.asarray(intensity, np.float64)
-    sigma = np.ones_like(q) * 0.01 * np.abs(intensity) if sigma is None else np.asarray(sigma, np.float64)
-    order = np.argsort(q)
+    sigma = 0.01 * np.abs(intensity) if sigma is None else np.asarray(sigma, np.float64)
+    order = np.argsort(q, kind="stable")
     q, intensity, sigma = q[order], intensity[order], sigma[order]
-    ok = intensity > 0
+    ok = (intensity > 0) & (sigma > 0) & np.isfinite(intensity) & np.isfinite(sigma) & np.isfinite(q)
     q, intensity, sigma = q[ok], intensity[ok], sigma[ok]
     y, wt = np.log(intensity), (intensity / sigma) ** 2
 
     def fit(sel):
-        a = np.stack([np.ones(sel.sum()), q[sel] ** 2], axis=1) * np.sqrt(wt[sel])[:, None]
-        coef = np.linalg.lstsq(a, y[sel] * np.sqrt(wt[sel]), rcond=None)[0]
-        return coef[0], coef[1]
+        a = np.stack([np.ones(sel.sum()), q[sel] ** 2], axis=1)
+        aw = a * np.sqrt(wt[sel])[:, None]
+        coef = np.linalg.lstsq(aw, y[sel] * np.sqrt(wt[sel]), rcond=None)[0]
+        cov = np.linalg.pinv(aw.T @ aw)
+        return coef[0], coef[1], cov
 
+    # start: the points before the intensity (a running mean of min_points) first falls below exp(-qrg_max^2 / 3)
+    # of its low-q level -- where q Rg reaches qrg_max for a Guinier curve -- and at least 2 min_points of them
+    if len(q) < min_points:
+        raise SaxsDataError(f"Guinier fit: {len(q)} points with I > 0; need at least {min_points}")
+    smooth = np.convolve(intensity, np.ones(min_points) / min_points, mode="valid")
+    below = np.flatnonzero(smooth < math.exp(-(qrg_max**2) / 3.0) * smooth[0])
+    n_start = max(2 * min_points, int(below[0]) + min_points // 2 if below.size else len(q))
     sel = np.zeros(len(q), bool)
-    sel[: 2 * min_points] = True
-    rg = 0.0
+    sel[:n_start] = True
     for _ in range(100):
         if sel.sum() < min_points:
             raise SaxsDataError(f"Guinier fit: fewer than {min_points} points with q Rg < {qrg_max}")
-        ln_i0, slope = fit(sel)
+        ln_i0, slope, cov = fit(sel)
         if slope >= 0:
             raise SaxsDataError("Guinier fit: ln I does not decrease with q^2 at small q (aggregation or bad data?)")
         rg = math.sqrt(-3.0 * slope)
@@ -631,7 +985,18 @@ def guinier_rg(q, intensity, sigma=None, qrg_max: float = 1.3, min_points: int =
         if np.array_equal(new, sel):
             break
         sel = new
-    return rg, float(math.exp(ln_i0)), int(sel.sum())
+    used = q[sel]
+    i0 = math.exp(ln_i0)
+    return {"rg": rg, "rg_error": 1.5 * math.sqrt(max(cov[1, 1], 0.0)) / rg, "i0": i0,
+            "i0_error": i0 * math.sqrt(max(cov[0, 0], 0.0)), "q_min": float(used.min()), "q_max": float(used.max()),
+            "qmin_rg": float(used.min() * rg), "qmax_rg": float(used.max() * rg), "n_points": int(sel.sum()),
+            "qrg_max": float(qrg_max)}
+
+
+def guinier_rg(q, intensity, sigma=None, qrg_max: float = 1.3, min_points: int = 5) -> tuple[float, float, int]:
+    """(Rg, I0, points used) of ``guinier_analysis`` (ln I = ln I0 - Rg^2 q^2 / 3 over q Rg < qrg_max)."""
+    g = guinier_analysis(q, intensity, sigma, qrg_max, min_points)
+    return g["rg"], g["i0"], g["n_points"]
 
 
 def spline_matrix(knots: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -684,7 +1049,7 @@ def spline_matrix(knots: np.ndarray, x: np.ndarray) -> np.ndarray:
 def _atom_groups(atoms: AtomInfo, implicit: str, exclude_waters: bool):
     """Per-atom (element, n_H) groups, the scattering mask and the heavy-atom mask; warns about untabulated residues."""
     if implicit not in ("auto", True, False, "true", "false"):
-        raise ValueError(f"implicit_hydrogens must be 'auto', true or false, got {implicit!r}")
+        raise SaxsDataError(f"implicit_hydrogens must be auto, true or false, got {implicit!r}")
     elements = [normalise_element(e) for e in atoms.element]
     is_h = np.array([e in ("H", "D") for e in elements])
     use_implicit = (not is_h.any()) if implicit == "auto" else implicit in (True, "true")
@@ -697,7 +1062,7 @@ def _atom_groups(atoms: AtomInfo, implicit: str, exclude_waters: bool):
         try:
             it92(el)
         except ValueError as exc:
-            raise ValueError(
+            raise SaxsDataError(
                 f"atom {atoms.atom_name[i]} of {atoms.res_name[i]} {atoms.chain_id[i]}{atoms.res_seq[i]}: {exc}"
             ) from None
         n_h = 0
@@ -740,7 +1105,12 @@ class SaxsObservable:
     (on when the model has no H atoms), true or false; ``exclude_waters`` (water residues do not scatter: bulk solvent is
     already subtracted); ``fast_q_points`` (None: ``fast_q_oversampling`` per Shannon channel of D_max) and
     ``block_size`` (atoms per block edge; None: about 2.5 M pair x q values per block).
-    Attributes: ``profile`` (the data used), ``q_model`` (q of the Debye sums), ``n_atoms``, ``n_channels``.
+    Reading the file (``read_profile``): ``sigma_model`` (None: the file's sigma; "relative" / "poisson": made-up errors
+    of ``sigma_fraction``, for profiles without errors), ``drop_bad_points`` (drop bad lines instead of refusing the
+    file); ``guinier_qrg_max`` (upper q Rg of the data's Guinier analysis in the report, default 1.3).
+    Attributes: ``profile`` (the data used), ``data_profile`` (all of the file's points), ``guinier`` (the data's
+    Guinier analysis, or {"error": ...}), ``notes`` (points read and fitted, the Guinier result; logged by the app),
+    ``q_model`` (q of the Debye sums), ``n_atoms``, ``n_channels``.
     """
 
     name = "saxs"
@@ -765,24 +1135,64 @@ class SaxsObservable:
         fast_q_points: int | None = None,
         fast_q_oversampling: float = 3.0,
         block_size: int | None = None,
+        sigma_model: str | None = None,
+        sigma_fraction: float = 0.03,
+        drop_bad_points: bool = False,
+        guinier_qrg_max: float = 1.3,
     ):
         if data is None:
             raise SaxsDataError("the saxs observable needs data: a .dat file with columns q, I, sigma (or a SaxsProfile)")
         if mode not in _MODES:
-            raise ValueError(f"unknown saxs mode {mode!r}; use one of {_MODES}")
+            raise SaxsDataError(f"unknown saxs mode {mode!r}; use one of {_MODES}")
         if excluded_volume not in EXCLUDED_VOLUME_CONVENTIONS:
-            raise ValueError(f"unknown excluded_volume {excluded_volume!r}; use one of "
-                             f"{sorted(EXCLUDED_VOLUME_CONVENTIONS)}")
-        c1_range = tuple(float(v) for v in c1_range)
-        c2_range = tuple(float(v) for v in c2_range)
+            raise SaxsDataError(f"unknown excluded_volume {excluded_volume!r}; use one of "
+                                f"{sorted(EXCLUDED_VOLUME_CONVENTIONS)}")
+        try:
+            c1_range = tuple(float(v) for v in c1_range)
+            c2_range = tuple(float(v) for v in c2_range)
+        except (TypeError, ValueError):
+            raise SaxsDataError(f"c1_range and c2_range must be two numbers [lo, hi]; got {c1_range}, {c2_range}") \
+                from None
         if len(c1_range) != 2 or not 0 < c1_range[0] <= c1_range[1] or len(c2_range) != 2 or c2_range[0] > c2_range[1]:
-            raise ValueError(f"c1_range must be 0 < lo <= hi and c2_range lo <= hi; got {c1_range}, {c2_range}")
-        profile = data if isinstance(data, SaxsProfile) else read_profile(data, q_units=q_units)
+            raise SaxsDataError(f"c1_range must be 0 < lo <= hi and c2_range lo <= hi; got {c1_range}, {c2_range}")
+        if not isinstance(drop_bad_points, bool):
+            raise SaxsDataError(f"drop_bad_points must be true or false, got {drop_bad_points!r}")
+        try:
+            guinier_qrg_max = float(guinier_qrg_max)
+        except (TypeError, ValueError):
+            guinier_qrg_max = math.nan
+        if not 0.5 <= guinier_qrg_max <= 2.0:
+            raise SaxsDataError(f"guinier_qrg_max must be a number in [0.5, 2] (q Rg limit of the Guinier fit; 1.3 for "
+                                f"globular particles), got {guinier_qrg_max!r}")
+        if isinstance(data, SaxsProfile):
+            profile = data
+        else:
+            profile = read_profile(data, q_units=q_units, sigma_model=sigma_model, sigma_fraction=sigma_fraction,
+                                   drop_bad_points=drop_bad_points)
+        self.data_profile = profile
+        try:  # the data's own Guinier analysis over all its points (q_min / q_max restrict only the model fit)
+            self.guinier = guinier_analysis(profile.q, profile.intensity, profile.sigma, qrg_max=guinier_qrg_max)
+        except SaxsDataError as exc:
+            self.guinier = {"error": str(exc)}
+        self._guinier_qrg_max = guinier_qrg_max
         if q_min is not None or q_max is not None:
             profile = profile.select(q_min, q_max)
-        if len(profile) < 3:
-            raise SaxsDataError(f"{profile.source}: {len(profile)} point(s) in the fitted q range; need at least 3")
+        if len(profile) < MIN_POINTS:
+            raise SaxsDataError(f"{profile.source}: {len(profile)} point(s) in the fitted q range "
+                                f"{profile.q.min():.4g}-{profile.q.max():.4g} 1/A; need at least {MIN_POINTS}: widen "
+                                "q_min / q_max")
         self.profile = profile
+        info = profile.info
+        # (read_profile has logged the units' reason and its notes; the report's "data" keeps them)
+        self.notes = [f"{info['file']}: {info['n_points']} points read as q in 1/{info['q_units']}, "
+                      f"{len(profile)} fitted, q {profile.q.min():.4g}-{profile.q.max():.4g} 1/A"] if info else []
+        if "rg" in self.guinier:
+            g = self.guinier
+            self.notes.append(f"Guinier analysis of the data: Rg {g['rg']:.2f} +- {g['rg_error']:.2f} A, I(0) "
+                              f"{g['i0']:.4g}, {g['n_points']} points, q {g['q_min']:.4g}-{g['q_max']:.4g} 1/A "
+                              f"(q_max Rg {g['qmax_rg']:.2f})")
+        else:
+            self.notes.append(f"no Guinier analysis of the data: {self.guinier['error']}")
         self.mode = mode
         self.excluded_volume = excluded_volume
         self.hydration = bool(hydration)
@@ -792,7 +1202,7 @@ class SaxsObservable:
 
         groups, scatters, heavy = _atom_groups(atoms, implicit_hydrogens, exclude_waters)
         if not scatters.any():
-            raise ValueError("the saxs observable found no scattering atoms (all atoms are waters?)")
+            raise SaxsDataError("the saxs observable found no scattering atoms (all atoms are waters?)")
         self._heavy = heavy
         self._rg_mask = heavy if heavy.any() else scatters
         unique = sorted({g for g, s in zip(groups, scatters) if s})
@@ -969,9 +1379,9 @@ class SaxsObservable:
             return scale * model
 
         def statistics(coords, weights):
-            c1v, c2v, scale, chi2, _ = fitted(ensemble(partials(coords), weights))
+            c1v, c2v, scale, chi2, model = fitted(ensemble(partials(coords), weights))
             return {"chi2": chi2, "rg": radius_of_gyration(coords, weights), "c1": c1v, "c2": c2v, "scale": scale,
-                    "log_likelihood": -0.5 * n_points * chi2}
+                    "log_likelihood": -0.5 * n_points * chi2, "model": scale * model}
 
         def member_predictions(coords):
             return partials(coords).reshape(coords.shape[0], -1)
@@ -1017,10 +1427,40 @@ class SaxsObservable:
         """``log_likelihood`` from ``member_predictions``: equal to ``log_likelihood(coords, weights)``."""
         return self._log_likelihood_from_predictions(predictions, weights)
 
-    def report(self, coords, weights) -> dict[str, float]:
-        """chi2, rg (weighted-ensemble heavy-atom radius of gyration sqrt(sum_e w_e Rg_e^2), A), fitted c1, c2 and
-        scale, log_likelihood, and the number of data points."""
+    def report(self, coords, weights) -> dict:
+        """Numbers: chi2, rg (weighted-ensemble heavy-atom radius of gyration sqrt(sum_e w_e Rg_e^2), A), fitted c1, c2
+        and scale, log_likelihood, n_points (fitted), rg_guinier_data and rg_guinier_model (A; None where the fit is not
+        possible).  Groups: ``guinier`` -- the data's Guinier analysis (``guinier_analysis``: rg, rg_error, i0,
+        i0_error, q_min, q_max, qmin_rg, qmax_rg, n_points, qrg_max; or {"error": ...}); ``guinier_model`` -- the same
+        analysis of the fitted model profile at the fitted q; ``data`` -- what the reader found (file, n_points,
+        n_fitted, q range in 1/A, q_units and q_units_reason, header / footer lines, columns, ignored_columns, skipped
+        and dropped lines, sigma_model, notes).  ``warning`` (when sigmas were made up or points dropped)."""
         self._shape_check(coords)
-        out = {k: float(v) for k, v in self._statistics(coords, weights).items()}
+        stats = self._statistics(coords, weights)
+        model = np.asarray(stats.pop("model"), np.float64)
+        out: dict = {k: float(v) for k, v in stats.items()}
         out["n_points"] = float(len(self.profile))
+        try:
+            g_model = guinier_analysis(self.profile.q, model, self.profile.sigma, qrg_max=self._guinier_qrg_max)
+        except SaxsDataError as exc:
+            g_model = {"error": str(exc)}
+        out["rg_guinier_data"] = self.guinier.get("rg")
+        out["rg_guinier_model"] = g_model.get("rg")
+        out["guinier"] = dict(self.guinier)
+        out["guinier_model"] = g_model
+        info = self.profile.info
+        out["data"] = {
+            "file": info.get("file", self.profile.source), "n_points": info.get("n_points", len(self.data_profile)),
+            "n_fitted": len(self.profile), "q_min": float(self.profile.q.min()), "q_max": float(self.profile.q.max()),
+            **{k: info[k] for k in ("q_units", "q_units_reason", "n_rows", "block_lines", "columns", "column_names",
+                                    "ignored_columns", "header", "footer", "skipped", "dropped", "sigma_model",
+                                    "other_blocks", "notes") if k in info},
+        }
+        warn = []
+        if info.get("sigma_model"):
+            warn.append(f"sigmas made up by sigma_model={info['sigma_model']}: chi2 is relative")
+        if info.get("dropped", {}).get("count"):
+            warn.append(f"{info['dropped']['count']} bad data point(s) dropped (lines {info['dropped']['lines']})")
+        if warn:
+            out["warning"] = "; ".join(warn)
         return out

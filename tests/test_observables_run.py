@@ -54,4 +54,7 @@ def test_saxs_and_rdc_demo_guidance_improves_the_data_fit(tmp_path):
         m = json.loads((tmp_path / method / "metrics.json").read_text())
         fits[method] = (m["observables"]["saxs"]["chi2"], m["observables"]["rdc"]["q_factor"])
         assert (tmp_path / method / "inputs" / "two_state_saxs.dat").is_file()
+        assert (tmp_path / method / "plots" / "saxs_fit.png").stat().st_size > 10_000  # data, fit, residuals, Kratky
+        guinier = m["observables"]["saxs"]["guinier"]
+        assert guinier["qmax_rg"] <= 1.3 + 1e-6 and guinier["rg"] > 0
     assert fits["fk"][0] < fits["none"][0] and fits["fk"][1] < fits["none"][1], fits

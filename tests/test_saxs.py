@@ -116,32 +116,42 @@ def test_reader_converts_inverse_nanometres(tmp_path):
     np.testing.assert_allclose(read_profile(angstrom).q, q, rtol=1e-12)
 
 
-def test_reader_drops_points_with_nonpositive_sigma_and_warns(tmp_path):
+def _rows(n=12, q0=0.01, dq=0.01):
+    return [f"{q0 + k * dq:.4f} {math.exp(-((q0 + k * dq) * 15) ** 2 / 3):.6e} 0.01" for k in range(n)]
+
+
+def test_reader_refuses_nonpositive_sigma_unless_told_to_drop(tmp_path):
+    """sigma <= 0 is an error naming the first such line; drop_bad_points drops them with a warning and a count."""
+    rows = _rows()
+    rows[1], rows[2] = "0.02 4.0 0.0", "0.03 3.0 -1"
     path = tmp_path / "sig.dat"
-    path.write_text("title line\n0.01 5.0 0.1\n0.02 4.0 0.0\n0.03 3.0 -1\n0.04 2.0 0.1\n")
-    with pytest.warns(UserWarning, match=r"dropped 2 point\(s\) with sigma <= 0 \(line\(s\) 3, 4\)"):
-        prof = read_profile(path)
-    np.testing.assert_allclose(prof.q, [0.01, 0.04])
+    path.write_text("title line\n" + "\n".join(rows) + "\n")
+    with pytest.raises(SaxsDataError, match=r"sig\.dat:3: sigma = 0 <= 0 .*\(2 bad lines in all\).*drop_bad_points"):
+        read_profile(path)
+    with pytest.warns(UserWarning, match=r"dropped 2 bad point\(s\) \(line\(s\) 3-4\)"):
+        prof = read_profile(path, drop_bad_points=True)
+    assert len(prof) == 10 and 0.02 not in prof.q and 0.03 not in prof.q
+    assert prof.info["dropped"]["count"] == 2 and prof.info["dropped"]["lines"] == "3-4"
 
 
 @pytest.mark.parametrize(
     "content, message",
     [
-        ("title\n0.01 1.0 0.1\n0.02 x 0.1\n", r"bad\.dat:3: expected three numbers"),
-        ("0.01 1.0 0.1\n0.02 1.0\n", r"bad\.dat:2: expected three columns"),
-        ("0.01 1.0 0.1\n0.02 nan 0.1\n", r"bad\.dat:2: non-finite"),
-        ("0.01 1.0 0.1\nfooter text\n", r"bad\.dat:2: expected three numbers"),
+        ("title\n" + "\n".join(_rows()[:5] + ["0.06 x 0.1"] + _rows()[6:]) + "\n",
+         r"bad\.dat:7: not a line of numbers"),
+        ("\n".join(_rows()[:3] + ["0.04 1.0"] + _rows()[4:]) + "\n",
+         r"bad\.dat:4: 2 number\(s\) where the data have 3"),
+        ("\n".join(_rows()[:1] + ["0.02 nan 0.1"] + _rows()[2:]) + "\n", r"bad\.dat:2: non-finite"),
+        ("0.01 1.0 0.1\nfooter text\n", r"bad\.dat: only 1 usable data point"),
         ("just a title\n# and a comment\n", r"bad\.dat: no data lines"),
-        ("0.01 1.0 0.0\n", r"every point has sigma <= 0"),
     ],
 )
 def test_reader_errors_name_the_file_and_line(tmp_path, content, message):
     path = tmp_path / "bad.dat"
     path.write_text(content)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with pytest.raises(SaxsDataError, match=message):
-            read_profile(path)
+    with pytest.raises(SaxsDataError, match=message) as info:
+        read_profile(path)
+    assert "\n" not in str(info.value)
 
 
 def test_reader_error_for_a_missing_file(tmp_path):
@@ -522,7 +532,9 @@ def test_registry_builds_the_saxs_observable(tmp_path):
     x, w = jnp.asarray(atoms.coords), jnp.ones(1)
     assert obs.predict(x, w).shape == (30,)
     rep = obs.report(x, w)
-    assert {"chi2", "rg", "c1", "c2", "scale"} <= set(rep) and all(math.isfinite(v) for v in rep.values())
+    assert {"chi2", "rg", "c1", "c2", "scale"} <= set(rep)
+    assert all(math.isfinite(v) for v in rep.values() if isinstance(v, float))
+    assert rep["data"]["n_points"] == 30 and rep["data"]["header"] == ["synthetic"]
 
 
 def test_observable_errors_are_clear(tmp_path):
