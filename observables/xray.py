@@ -223,19 +223,24 @@ class _Scaler:
     def _rw(self, f_model) -> float:
         return r_factor(self.f_obs[self.work], np.abs(f_model[self.work]))
 
-    def fit(self, f_calc: np.ndarray, f_mask: np.ndarray) -> _Scales:
-        best = None
+    def fit(self, f_calc: np.ndarray, f_mask: np.ndarray, starts: int = 6) -> _Scales:
+        """Grid search over (k_sol, B_sol) with the closed-form scales at each point, then L-BFGS-B from the ``starts``
+        best grid points; the lowest working R wins.  One polish from the single best grid point is not enough: for
+        a poor model R(k_sol, B_sol) has several shallow minima whose grid values nearly tie, and which one a single
+        polish falls into then flips with a 1e-8 change of the member weights."""
+        grid = []
         for k_sol in K_SOL_GRID:
             for b_sol in B_SOL_GRID:
                 f = f_calc + k_sol * np.exp(-b_sol * self.stol2) * f_mask
                 log_k, aniso = self._closed_form(np.abs(f))
                 sc = _Scales(log_k, aniso, float(k_sol), float(b_sol))
-                r = self._rw(self.model(f_calc, f_mask, sc))
-                if best is None or r < best[0]:
-                    best = (r, sc)
+                grid.append((self._rw(self.model(f_calc, f_mask, sc)), len(grid), sc))
                 if k_sol == 0.0:
                     break  # B_sol does not matter without solvent
-        return self._polish(f_calc, f_mask, best[1])
+        grid.sort(key=lambda t: (t[0], t[1]))
+        polished = [self._polish(f_calc, f_mask, sc) for _, _, sc in grid[:starts]]
+        scores = [self._rw(self.model(f_calc, f_mask, sc)) for sc in polished]
+        return polished[int(np.argmin(scores))]
 
     def _polish(self, f_calc, f_mask, start: _Scales) -> _Scales:
         from scipy.optimize import minimize
