@@ -18,6 +18,8 @@ import functools
 import gemmi
 import numpy as np
 
+from observables.errors import InputError
+
 __all__ = ["KINDS", "coefficients", "form_factor", "it92", "normalise_element"]
 
 KINDS = ("xray", "em")
@@ -34,11 +36,12 @@ def it92(element: str) -> tuple[np.ndarray, np.ndarray, float]:
     name = normalise_element(element)
     el = gemmi.Element(name)
     if not name or el.atomic_number == 0:
-        raise ValueError(f"unknown element {element!r}: no X-ray form factor for it (gemmi does not know it)")
+        raise InputError(f"unknown element {element!r}: no X-ray form factor for it (gemmi does not know it); fix the "
+                         "element column of the structure")
     coef = el.it92
     a = np.array(coef.a, dtype=np.float64)
     if not np.any(a != 0):
-        raise ValueError(f"element {name!r} has no IT92 form factor in gemmi's tables")
+        raise InputError(f"element {name!r} has no IT92 form factor in gemmi's tables")
     b = np.array(coef.b, dtype=np.float64)
     a.setflags(write=False)
     b.setflags(write=False)
@@ -54,7 +57,7 @@ def coefficients(element: str, kind: str = "xray") -> tuple[np.ndarray, np.ndarr
     b1..b5 (A^2).  s = sin(theta)/lambda in 1/A.  Unknown elements raise ``ValueError``.
     """
     if kind not in KINDS:
-        raise ValueError(f"unknown scattering kind {kind!r}; use one of {KINDS}")
+        raise InputError(f"unknown scattering kind {kind!r}; use one of {KINDS}")
     name = normalise_element(element)
     if kind == "xray":
         a4, b4, c = it92(name)
@@ -63,11 +66,11 @@ def coefficients(element: str, kind: str = "xray") -> tuple[np.ndarray, np.ndarr
     else:
         el = gemmi.Element(name)
         if not name or el.atomic_number == 0:
-            raise ValueError(f"unknown element {element!r}: no electron scattering factor for it (gemmi does not know it)")
+            raise InputError(f"unknown element {element!r}: no electron scattering factor for it (gemmi does not know it)")
         a = np.array(el.c4322.a, dtype=np.float64)
         b = np.array(el.c4322.b, dtype=np.float64)
         if not np.any(a != 0):
-            raise ValueError(f"element {name!r} has no em scattering factor in gemmi's tables")
+            raise InputError(f"element {name!r} has no em scattering factor in gemmi's tables")
     a.setflags(write=False)
     b.setflags(write=False)
     return a, b

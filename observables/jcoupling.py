@@ -98,11 +98,11 @@ def _karplus_parameters(spec) -> KarplusParameters:
         return spec
     if isinstance(spec, str):
         if spec not in KARPLUS:
-            raise ValueError(f"unknown Karplus parameter set {spec!r}; use one of {sorted(KARPLUS)} or [A, B, C] (Hz)")
+            raise NmrDataError(f"unknown Karplus parameter set {spec!r}; use one of {sorted(KARPLUS)} or [A, B, C] (Hz)")
         return KARPLUS[spec]
     values = [float(v) for v in spec]
     if len(values) != 3:
-        raise ValueError(f"karplus=[A, B, C] needs three numbers (Hz), got {spec!r}")
+        raise NmrDataError(f"karplus=[A, B, C] needs three numbers (Hz), got {spec!r}")
     return KarplusParameters(*values)
 
 
@@ -267,7 +267,7 @@ class JCouplingObservable:
                 "a text file of 'resnum J [error]' lines (Hz), or rows (resnum, J[, error])"
             )
         if not sigma >= 0:
-            raise ValueError(f"sigma must be >= 0 Hz, got {sigma}")
+            raise NmrDataError(f"observables.jcoupling.sigma must be >= 0 Hz, got {sigma}")
         self.params = _karplus_parameters(karplus)
         table = read_jcouplings(data, numbering) if isinstance(data, (str, Path)) else _as_data(data)
         self.backbone = bb = backbone(atoms, max_peptide_bond)
@@ -313,7 +313,7 @@ class JCouplingObservable:
         self.sigma = float(sigma)
         total_sd = np.sqrt(self.sigma**2 + self.error.astype(np.float64) ** 2)
         if np.any(total_sd <= 0):
-            raise ValueError("sigma = 0 needs a positive error on every coupling")
+            raise NmrDataError("observables.jcoupling.sigma = 0 needs a positive error on every coupling")
         phi_atoms = bb.phi_atoms[self.residues]  # [M, 4]
         observed = jnp.asarray(self.observed)
         inv_var = jnp.asarray((1.0 / total_sd**2).astype(np.float32))

@@ -714,11 +714,11 @@ class NoeObservable:
             ("nomenclature", nomenclature, NOMENCLATURES),
         ):
             if value not in allowed:
-                raise ValueError(f"{label} must be one of {allowed}, got {value!r}")
+                raise InputError(f"observables.noe.{label} must be one of {allowed}, got {value!r}")
         if not sigma > 0:
-            raise ValueError(f"sigma must be > 0 A, got {sigma}")
+            raise InputError(f"observables.noe.sigma must be > 0 A, got {sigma}")
         if rswitch is not None and not rswitch > 0:
-            raise ValueError(f"rswitch must be > 0 A (or None), got {rswitch}")
+            raise InputError(f"observables.noe.rswitch must be > 0 A (or null), got {rswitch}")
         rset = restraints if isinstance(restraints, RestraintSet) else parse_xplor_restraints(restraints)
         if not rset.restraints:
             raise RestraintFormatError(f"{rset.source}: contains no distance restraints ({rset.summary()})")
@@ -744,7 +744,7 @@ class NoeObservable:
             used.append(restraint)
         if not used:
             reasons = "; ".join(sorted({s.reason for s in skipped})[:3])
-            raise ValueError(f"{rset.source}: none of the {len(rset.restraints)} restraints applies to this model "
+            raise RestraintFormatError(f"{rset.source}: none of the {len(rset.restraints)} restraints applies to this model "
                              f"(e.g. {reasons})")
         self.restraints = tuple(used)
         self.skipped = tuple(skipped)

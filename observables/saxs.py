@@ -238,7 +238,7 @@ def form_factor_table(
     v = f_X + n_H f_H (IT92); s = rho0 (V_X g(V_X) + n_H V_H g(V_H)) with g(V) = exp(-kappa V^(2/3) q^2).
     """
     if convention not in EXCLUDED_VOLUME_CONVENTIONS:
-        raise ValueError(f"unknown excluded_volume {convention!r}; use one of {sorted(EXCLUDED_VOLUME_CONVENTIONS)}")
+        raise SaxsDataError(f"unknown excluded_volume {convention!r}; use one of {sorted(EXCLUDED_VOLUME_CONVENTIONS)}")
     f_h = vacuum_form_factor("H", q)
     s_h = solvent_form_factor(EXCLUDED_VOLUME["H"], q, convention)
     vac = np.stack([vacuum_form_factor(el, q) + n * f_h for el, n in groups]) if groups else np.zeros((0, len(q)))

@@ -184,9 +184,9 @@ def shift_predictor(spec, atoms: AtomInfo, **options) -> ShiftPredictor:
             try:
                 factory = getattr(importlib.import_module(module), attr)
             except (ImportError, AttributeError) as exc:
-                raise ValueError(f"shift predictor {spec!r} cannot be imported: {exc}") from None
+                raise NmrDataError(f"shift predictor {spec!r} cannot be imported: {exc}") from None
         else:
-            raise ValueError(
+            raise NmrDataError(
                 f"unknown shift predictor {spec!r}; registered: {sorted(_PREDICTORS)}, or give 'module:factory'"
             )
     elif isinstance(spec, ShiftPredictor) and not isinstance(spec, type):
@@ -449,14 +449,14 @@ class ShiftsObservable:
         nuclei = tuple(str(k).upper() for k in nuclei)
         unknown = [k for k in nuclei if k not in NUCLEI]
         if unknown or not nuclei:
-            raise ValueError(f"nuclei must be a non-empty subset of {NUCLEI}, got {list(nuclei)}")
+            raise NmrDataError(f"observables.shifts.nuclei must be a non-empty subset of {NUCLEI}, got {list(nuclei)}")
         if sigma is None or isinstance(sigma, Mapping):
             given = {str(k).upper(): float(v) for k, v in (sigma or {}).items()}
             sigmas = {**DEFAULT_SIGMA, **given}
         else:
             sigmas = {k: float(sigma) for k in NUCLEI}
         if any(not sigmas[k] > 0 for k in nuclei):
-            raise ValueError(f"sigma must be > 0 ppm for every nucleus used, got {sigmas}")
+            raise NmrDataError(f"observables.shifts.sigma must be > 0 ppm for every nucleus used, got {sigmas}")
         self.sigma = {k: sigmas[k] for k in nuclei}
 
         table = (
