@@ -273,12 +273,12 @@ class JCouplingObservable:
         self.backbone = bb = backbone(atoms, max_peptide_bond)
         index = bb.index()
         keep, self.dropped = [], []
-        absent = []
+        n_absent = 0
         for i in range(len(table)):
             ch = select_chain(bb, chain or table.chain[i] or None, table.source)
             key = (ch, int(table.res_seq[i]))
             if key not in index:
-                absent.append(i)
+                n_absent += 1
                 self.dropped.append((ch, key[1], "residue absent (not in the model)"))
                 continue
             r = index[key]
@@ -294,12 +294,11 @@ class JCouplingObservable:
                 self.dropped.append((ch, key[1], "no phi (chain start or break)"))
             else:
                 keep.append((i, r))
-        if absent and len(absent) == len(table):
-            i = absent[0]
-            ch = select_chain(bb, chain or table.chain[i] or None, table.source)
+        if len(table) and n_absent == len(table):
+            ch, num, _ = self.dropped[0]
             raise NmrDataError(
                 f"{table.source}: none of the {len(table)} couplings is for a residue in the model (the first is for "
-                f"residue {ch}{int(table.res_seq[i])}, which is not in the model; model residues of chain {ch}: "
+                f"residue {ch}{num}, which is not in the model; model residues of chain {ch}: "
                 f"{_span(bb, ch)}); check the chain and the numbering (numbering='auth'/'seq')"
             )
         if self.dropped:

@@ -88,6 +88,11 @@ def one_line(message: str) -> str:
     return " ".join(str(message).split())
 
 
+def _category(reason: str) -> str:
+    """The short category of a reason such as "residue absent (A.90)": the text before its parenthesised detail."""
+    return reason.split(" (", 1)[0]
+
+
 def unmapped_report(items) -> dict:
     """The report keys every NMR observable (rdc, noe, jcoupling, shifts) shares for data it could not map onto the
     model: ``n_unmapped`` (count), ``unmapped`` (the first ``UNMAPPED_SHOWN`` as short "label: reason" strings) and
@@ -96,8 +101,7 @@ def unmapped_report(items) -> dict:
     items = list(items)
     reasons: dict[str, int] = {}
     for _, why in items:
-        key = why.split(" (", 1)[0]
-        reasons[key] = reasons.get(key, 0) + 1
+        reasons[_category(why)] = reasons.get(_category(why), 0) + 1
     return {
         "n_unmapped": float(len(items)),
         "unmapped": [f"{label}: {why}" for label, why in items[:UNMAPPED_SHOWN]],
@@ -110,7 +114,7 @@ def unmapped_warning(source: str, items, what: str) -> str:
     items = list(items)
     by_reason: dict[str, list[str]] = {}
     for label, why in items:
-        by_reason.setdefault(why.split(" (", 1)[0], []).append(label)
+        by_reason.setdefault(_category(why), []).append(label)
     parts = [f"{why}: {', '.join(labels[:6])}{' ...' if len(labels) > 6 else ''}" for why, labels in by_reason.items()]
     return f"{source}: {len(items)} {what} cannot be mapped onto the model and are not used -- " + "; ".join(parts)
 

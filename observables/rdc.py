@@ -343,6 +343,25 @@ def _read_text(path: Path, what: str) -> str:
         return data.decode("latin-1")  # a text file with a few accented characters in its comments
 
 
+def _table_rows(path: Path, what: str):
+    """(line number, "file:line", the line without its comment) of every line of a .pa or PALES file that is not
+    blank or a comment."""
+    for lineno, raw in enumerate(text_lines(_read_text(path, what)), start=1):
+        line = _strip_comment(raw)
+        if line:
+            yield lineno, f"{path}:{lineno}", line
+
+
+def _add_once(couplings: list[Coupling], seen: dict, coupling: Coupling, label: str, first: str, hint: str = "") -> None:
+    """Append ``coupling`` unless its atom pair (in either order, under either H name) is already in ``seen``, which
+    maps a pair to where it was first given (``first`` for this one); a pair given twice is an RDCError."""
+    key = _pair_key(coupling.atom1, coupling.atom2)
+    if key in seen:
+        raise RDCError(f"{coupling.source}: coupling {label} is already given {seen[key]}{hint}")
+    seen[key] = first
+    couplings.append(coupling)
+
+
 def _check_atom_name(name: str, where: str, label: str) -> None:
     """RDCs join 1H, 13C and 15N nuclei: the atom name must start with H, C or N (a known gyromagnetic ratio)."""
     stem = name.rstrip(_WILDCARDS)
@@ -381,15 +400,10 @@ def read_pa(path: str | Path) -> list[Coupling]:
     lines.  Anything else raises ``RDCError`` naming the file and line; so does a file without any RDC.
     """
     path = Path(path)
-    text = _read_text(path, ".pa")
     couplings: list[Coupling] = []
-    seen: dict[tuple, int] = {}
+    seen: dict[tuple, str] = {}
     n_csa = 0
-    for lineno, raw in enumerate(text_lines(text), start=1):
-        line = _strip_comment(raw)
-        if not line:
-            continue
-        where = f"{path}:{lineno}"
+    for lineno, where, line in _table_rows(path, ".pa"):
         fields = line.split()
         label = fields[0]
         if _PA_CSA.match(label):  # one atom: a RACS/CSA value, not an RDC
@@ -414,11 +428,8 @@ def read_pa(path: str | Path) -> list[Coupling]:
             r2 += int(m["off"])
         atom1 = AtomRef(m["c1"], r1, m["a1"].upper())
         atom2 = AtomRef(m["c2"] or m["c1"], r2, m["a2"].upper())
-        key = _pair_key(atom1, atom2)
-        if key in seen:
-            raise RDCError(f"{where}: coupling {label} is already given at line {seen[key]}; keep one of the two")
-        seen[key] = lineno
-        couplings.append(Coupling(atom1, atom2, value, error, where))
+        _add_once(couplings, seen, Coupling(atom1, atom2, value, error, where), label, f"at line {lineno}",
+                  "; keep one of the two")
     if not couplings:
         extra = f" (only {n_csa} one-atom CSA lines)" if n_csa else ""
         raise RDCError(
@@ -444,15 +455,10 @@ def read_pales(path: str | Path) -> list[Coupling]:
     Amide H may be named HN or H; ``HA#``-style wildcards as in ``read_pa``.  Errors name the file and line.
     """
     path = Path(path)
-    text = _read_text(path, "PALES dipolar-coupling table")
     columns: list[str] | None = None
     couplings: list[Coupling] = []
-    seen: dict[tuple, int] = {}
-    for lineno, raw in enumerate(text_lines(text), start=1):
-        line = _strip_comment(raw)
-        if not line:
-            continue
-        where = f"{path}:{lineno}"
+    seen: dict[tuple, str] = {}
+    for lineno, where, line in _table_rows(path, "PALES dipolar-coupling table"):
         fields = line.split()
         head = fields[0].upper()
         if head == "DATA" or head == "FORMAT":
@@ -503,11 +509,8 @@ def read_pales(path: str | Path) -> list[Coupling]:
                 w = float("nan")
             if not (math.isfinite(w) and w >= 0):
                 raise RDCError(f"{where}: the weight W must be a finite number >= 0, got {row['W']!r}")
-        key = _pair_key(*atoms)
-        if key in seen:
-            raise RDCError(f"{where}: coupling {atoms[0]}-{atoms[1]} is already given at line {seen[key]}")
-        seen[key] = lineno
-        couplings.append(Coupling(atoms[0], atoms[1], value, error, where))
+        _add_once(couplings, seen, Coupling(atoms[0], atoms[1], value, error, where), f"{atoms[0]}-{atoms[1]}",
+                  f"at line {lineno}")
     if columns is None:
         raise RDCError(
             f"{path}: no VARS line; not a PALES dipolar-coupling table (expected 'VARS RESID_I RESNAME_I ATOMNAME_I "
@@ -610,11 +613,8 @@ def read_nmrstar(path: str | Path, list_id: str | None = None) -> list[Coupling]
                 raise RDCError(f"{where}: _RDC.Val_err must be a finite number > 0 Hz, got {row['val_err']!r}")
         if not math.isfinite(value):
             raise RDCError(f"{where}: _RDC.Val must be a finite number of Hz, got {row['val']!r}")
-        key = _pair_key(*atoms)
-        if key in seen:
-            raise RDCError(f"{where}: coupling {atoms[0]}-{atoms[1]} is already given ({seen[key]})")
-        seen[key] = where
-        couplings.append(Coupling(atoms[0], atoms[1], value, error, where))
+        _add_once(couplings, seen, Coupling(atoms[0], atoms[1], value, error, where), f"{atoms[0]}-{atoms[1]}",
+                  f"({where})")
     return couplings
 
 
