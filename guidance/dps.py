@@ -63,7 +63,7 @@ class DPS:
     strength: Strength = Strength()
     gradient: str = "tweedie"  # "tweedie" | "network"
     scale: str = "score"  # "score" | "normalized"
-    max_step: float = 1.0  # A per atom per step
+    max_step: float = 0.5  # A per atom per step (and never more than the noise level falls in the step)
     inner_steps: int = 0
     inner_lr: float = 0.1  # A, Adam learning rate of the inner refinement
 

@@ -51,6 +51,23 @@ class Step:
     noise_std: float  # std of the churn noise added to x_i to reach t_hat
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How a run steps, the same at every step: the ODE ``solver`` ("euler" as AF3/Boltz, or "heun"), a random
+    rigid ``augmentation`` of each structure before each step (for predictors trained with it), ``align`` (superpose
+    x_hat onto x0_hat before the step, Boltz's alignment_reverse_diff) and ``n_steps_total``, the length of the full
+    schedule (a partial-diffusion run starts part-way; None: the last planned step's index + 1)."""
+
+    solver: str = "euler"
+    augmentation: bool = False
+    align: bool = False
+    n_steps_total: int | None = None
+
+    def __post_init__(self):
+        if self.solver not in ("euler", "heun"):
+            raise ValueError(f"unknown solver {self.solver!r}; use 'euler' or 'heun'")
+
+
 def plan(schedule: NoiseSchedule, n_steps: int, *, start_step: int = 0) -> list[Step]:
     """The steps of one sampling run; ``start_step > 0`` starts part-way (partial diffusion from a structure)."""
     sigmas = karras_sigmas(schedule, n_steps).tolist()
@@ -130,6 +147,18 @@ def augment(x: torch.Tensor, generator: torch.Generator, *, translation_std: flo
     return (out, rot) if return_rotation else out
 
 
+def proper_rotation(cov: torch.Tensor) -> torch.Tensor:
+    """The Kabsch step (Kabsch 1976): for covariances ``cov`` [B, 3, 3] = sum_i w_i m_i t_i^T of centred mobile and
+    target points, the proper rotations R [B, 3, 3] (det +1) with ``m @ R`` best fitting ``t``; where the best
+    orthogonal fit would be a reflection the axis of the smallest singular value is flipped.  The one copy of this
+    step: guidance.structures.metrics.kabsch (numpy) calls it too."""
+    u, _, vt = torch.linalg.svd(cov)
+    d = torch.sign(torch.linalg.det(u @ vt))
+    diag = torch.ones_like(cov[..., 0])
+    diag[:, -1] = torch.where(d == 0, torch.ones_like(d), d)
+    return (u * diag[:, None, :]) @ vt
+
+
 def kabsch_align(mobile: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None, *,
                  return_rotation: bool = False):
     """Rigidly superpose each ``mobile[b]`` onto ``target[b]`` (weighted Kabsch, proper rotations), no gradient
@@ -142,12 +171,7 @@ def kabsch_align(mobile: torch.Tensor, target: torch.Tensor, weights: torch.Tens
         mu_m = (w * mobile).sum(1, keepdim=True)
         mu_t = (w * target).sum(1, keepdim=True)
         cov = torch.einsum("bni,bnj->bij", w * (mobile - mu_m), target - mu_t).double()
-        u, _, vt = torch.linalg.svd(cov)
-        d = torch.sign(torch.linalg.det(u @ vt))
-        diag = torch.ones_like(cov[..., 0])
-        diag[:, -1] = d
-        rot = (u * diag[:, None, :]) @ vt  # maps mobile -> target as x @ rot
-        rot = rot.to(mobile.dtype)
+        rot = proper_rotation(cov).to(mobile.dtype)  # maps mobile -> target as x @ rot
     aligned = (mobile - mu_m) @ rot + mu_t
     return (aligned, rot) if return_rotation else aligned
 
@@ -159,22 +183,20 @@ def sample(
     schedule: NoiseSchedule,
     generator: torch.Generator,
     *,
-    augmentation: bool = False,
-    align: bool = False,
-    solver: str = "euler",
+    sampling: Sampling = Sampling(),
     callback: Callable[[dict], None] | None = None,
 ) -> torch.Tensor:
     """Unguided sampling (guided sampling lives in guidance/fk.py, which reuses these steps).  ``x`` is the state at
     ``steps[0].sigma``; the callback receives ``{x, i, sigma, t_hat, denoised}`` after each step."""
     for step in steps:
-        if augmentation:
+        if sampling.augmentation:
             x = augment(x, generator)
         x_hat, _ = churn(x, step, generator)
         with torch.no_grad():
             x0_hat = denoise(x_hat, torch.full(x.shape[:1], step.t_hat, dtype=x.dtype, device=x.device))
-        if align:
+        if sampling.align:
             x_hat = kabsch_align(x_hat, x0_hat)
-        x = advance(x_hat, x0_hat, step, schedule, denoise, solver)
+        x = advance(x_hat, x0_hat, step, schedule, denoise, sampling.solver)
         if callback is not None:
             callback({"x": x, "i": step.index, "sigma": step.sigma, "t_hat": step.t_hat, "denoised": x0_hat})
     return x

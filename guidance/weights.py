@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from guidance.structures.io import as_ensemble
+
 LogLikelihood = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]  # (coords [E,N,3], weights [E]) -> scalar
 
 
@@ -74,7 +76,7 @@ def refine_weights(
     coords,
     init_weights=None,
     *,
-    steps: int = 200,
+    steps: int = 300,
     learning_rate: float = 0.05,
     entropy: float = 0.0,
     min_weight: float = 0.0,
@@ -88,9 +90,7 @@ def refine_weights(
     below the floor are lifted onto it.  ``optimizer`` is an optax optimizer name taking the learning rate
     (``"adam"``, ``"sgd"``, ``"adamw"``, ...) or a ready ``optax.GradientTransformation``.
     """
-    coords = jnp.asarray(coords, dtype=jnp.float32)
-    if coords.ndim != 3 or coords.shape[-1] != 3:
-        raise ValueError(f"coords must have shape [E, N, 3]; got {tuple(coords.shape)}")
+    coords = jnp.asarray(as_ensemble(coords, name="coords", single=False), dtype=jnp.float32)
     n_members = int(coords.shape[0])
     if n_members < 1:
         raise ValueError("the ensemble has no members")

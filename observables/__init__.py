@@ -1,5 +1,5 @@
 """Likelihoods: pure JAX forward models of experimental data (never imports torch, predictors or guidance)."""
 
-from observables.base import AtomInfo, Crystal, FixedAtoms, Observable, available, build, register
+from observables.base import AtomInfo, Crystal, FixedAtoms, Observable, PlotSpec, available, build, factory, register
 
-__all__ = ["AtomInfo", "Crystal", "FixedAtoms", "Observable", "available", "build", "register"]
+__all__ = ["AtomInfo", "Crystal", "FixedAtoms", "Observable", "PlotSpec", "available", "build", "factory", "register"]

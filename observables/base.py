@@ -4,8 +4,20 @@ An observable is built once from its data and the atoms of the model (``AtomInfo
 function of coordinates ``[E, N, 3]`` (Angstrom) and member weights ``[E]`` (summing to 1).  ``log_likelihood`` must
 be jit-, grad- and vmap-able: guidance evaluates many FK particles at once with ``jax.vmap``.
 
-Observables register by name with ``@register("name")``; third-party packages add theirs through the Python
-entry-point group ``ensemble_guide.observables`` (``name = "package.module:Factory"``) and are found by ``build``.
+The registry is the Python entry-point group ``ensemble_guide.observables`` (``name = "package.module:Factory"``):
+this project's observables are listed there in pyproject.toml like any other package's.  ``register(name)`` adds a
+factory in-process (a notebook, a test).  The factory's keyword parameters and their defaults are the observable's
+options (``observables.<name>.*`` in the app; guidance.app.config reads them from the signature).
+
+What the app shows and writes for an observable comes from optional attributes of the factory, so the app never
+names one:
+
+* ``data_key`` (default "data"): the option naming the data file (the density observable's is "map");
+* ``headline``: the report keys logged at the end of a run (e.g. ("rscc", "cc_box"));
+* ``describe(self) -> list[str]``: what the observable took from the data and the structure, logged once built;
+* ``plots(self, coords, weights, report) -> list[PlotSpec]``: the plots of the fit to its data, drawn by the app;
+* ``synthetic_data(cls, atoms, states, occupancies, directory, *, seed, **demo) -> Path`` (a classmethod): data of
+  the mixture of ``states`` [K, N, 3] at ``occupancies`` [K] for the embedded demo.
 """
 
 from __future__ import annotations
@@ -129,6 +141,17 @@ class AtomInfo:
         )
 
 
+@dataclass(frozen=True)
+class PlotSpec:
+    """A plot an observable asks the app to draw (observables stay free of matplotlib): ``name`` is the file under
+    plots/ (e.g. "saxs_fit.png"), ``kind`` one the app draws (guidance.app.plots.DRAWERS: map_slice, saxs_fit,
+    r_by_resolution), ``data`` its arguments."""
+
+    name: str
+    kind: str
+    data: dict
+
+
 @runtime_checkable
 class Observable(Protocol):
     name: str
@@ -151,12 +174,12 @@ class Observable(Protocol):
 # weights) -> scalar``.  Member-weight refinement then computes the members once instead of at every step.
 
 
-Factory = Callable[..., Observable]  # factory(atoms: AtomInfo, **config) -> Observable
+Factory = Callable[..., Observable]  # factory(atoms: AtomInfo, **options) -> Observable
 _REGISTRY: dict[str, Factory] = {}
 
 
 def register(name: str) -> Callable[[Factory], Factory]:
-    """Class/function decorator: make ``factory(atoms, **config)`` available as ``name``."""
+    """Class/function decorator: make ``factory(atoms, **options)`` available as ``name`` in this process."""
 
     def deco(factory: Factory) -> Factory:
         _REGISTRY[name] = factory
@@ -165,34 +188,25 @@ def register(name: str) -> Callable[[Factory], Factory]:
     return deco
 
 
-def _load_entry_points() -> None:
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name not in _REGISTRY:
-            _REGISTRY[ep.name] = ep.load()
+def _entry_points() -> dict:
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
 
 
 def available() -> list[str]:
-    _load_builtin()
-    _load_entry_points()
-    return sorted(_REGISTRY)
+    """Every observable name: the installed entry points and the in-process registrations."""
+    return sorted(set(_REGISTRY) | set(_entry_points()))
 
 
-def build(name: str, atoms: AtomInfo, **config) -> Observable:
+def factory(name: str) -> Factory:
+    """The factory registered as ``name`` (loaded from its entry point on first use)."""
+    if name not in _REGISTRY:
+        eps = _entry_points()
+        if name not in eps:
+            raise InputError(f"unknown observable {name!r}; available: {', '.join(available())}")
+        _REGISTRY[name] = eps[name].load()
+    return _REGISTRY[name]
+
+
+def build(name: str, atoms: AtomInfo, **options) -> Observable:
     """Instantiate the observable registered as ``name``."""
-    _load_builtin()
-    if name not in _REGISTRY:
-        _load_entry_points()
-    if name not in _REGISTRY:
-        raise InputError(f"unknown observable {name!r}; available: {', '.join(available())}")
-    return _REGISTRY[name](atoms, **config)
-
-
-def _load_builtin() -> None:
-    import observables.density  # noqa: F401  (registers "density")
-    import observables.jcoupling  # noqa: F401  (registers "jcoupling")
-    import observables.linear  # noqa: F401  (registers "linear_gaussian")
-    import observables.noe  # noqa: F401  (registers "noe")
-    import observables.rdc  # noqa: F401  (registers "rdc")
-    import observables.saxs  # noqa: F401  (registers "saxs")
-    import observables.shifts  # noqa: F401  (registers "shifts")
-    import observables.xray  # noqa: F401  (registers "xray")
+    return factory(name)(atoms, **options)

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from observables.base import AtomInfo, Crystal, register
+from observables.base import AtomInfo, Crystal, PlotSpec
 from observables.errors import InputError
 from observables.form_factors import KINDS, coefficients, normalise_element
 
@@ -80,10 +80,9 @@ class MapError(InputError):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def form_factor_coefficients(element: str, kind: str = "xray") -> tuple[np.ndarray, np.ndarray]:
-    """Gaussian-sum coefficients ``(a [5], b [5])`` of one element's scattering factor (``observables.form_factors``,
-    the project's one table: IT92 for X-ray with the constant c as a zero-width Gaussian, ITC 4.3.2.2 for em)."""
-    return coefficients(element, kind)
+# Gaussian-sum coefficients ``(a [5], b [5])`` of one element's scattering factor: the name this module has always
+# exported for ``observables.form_factors.coefficients`` (the project's one table and lookup).
+form_factor_coefficients = coefficients
 
 
 def resolution_blur(resolution: float) -> float:
@@ -112,7 +111,7 @@ def _gaussian_tables(elements: Sequence[str], b_iso: float | np.ndarray, kind: s
     b = np.empty((len(elements), 5))
     for i, el in enumerate(elements):
         try:
-            a[i], b[i] = form_factor_coefficients(el, kind)
+            a[i], b[i] = coefficients(el, kind)
         except ValueError as exc:
             raise ValueError(f"atom {i}: {exc}") from None
     width = np.maximum(b + b_iso[:, None], MIN_GAUSSIAN_WIDTH)
@@ -782,7 +781,6 @@ def _sphere_mask(density_map: DensityMap, points: np.ndarray, radius: float) -> 
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@register("density")
 class DensityObservable:
     """Likelihood of an experimental map (X-ray or cryo-EM) given a weighted ensemble.
 
@@ -823,6 +821,26 @@ class DensityObservable:
 
     name = "density"
     NEAR_ZERO_CC = 0.2  # a report below this RSCC warns that model and map may not belong together
+    data_key = "map"  # the option naming the data file
+    headline = ("rscc", "cc_box")
+
+    def describe(self) -> list[str]:
+        return [f"resolution {self.resolution:.2f} A ({self.resolution_source}), B from {self.b_source}, "
+                f"{self.n_environment} fixed atoms in the box"]
+
+    def plots(self, coords, weights, report) -> list[PlotSpec]:
+        """A slice of the map with the ensemble's model density as contours."""
+        model = np.asarray(self.predict(coords, weights))
+        return [PlotSpec("map_slice.png", "map_slice", {
+            "map": self.grid.values, "model": model, "origin": self.grid.origin, "spacing": self.grid.spacing,
+            "atoms_xyz": np.asarray(coords).reshape(-1, 3), "title": "map (grey) and ensemble density (contours)"})]
+
+    @classmethod
+    def synthetic_data(cls, atoms, states, occupancies, directory, *, seed: int = 0, resolution: float = 2.0,
+                       **_) -> Path:
+        """The demo's map: ``synthetic_map`` of the mixture at ``resolution`` A, written as CCP4 (noise-free)."""
+        dmap = synthetic_map(atoms, states, occupancies, resolution=float(resolution))
+        return write_ccp4(Path(directory) / f"two_state_{resolution}A.ccp4", dmap)
 
     def __init__(
         self,
@@ -866,7 +884,7 @@ class DensityObservable:
             raise ValueError("AtomInfo.coords contains non-finite values")
         for i, element in enumerate(atoms.element):
             try:
-                form_factor_coefficients(normalise_element(element), kind)
+                coefficients(normalise_element(element), kind)
             except ValueError as exc:
                 raise MapError(
                     f"atom {atoms.atom_name[i]} of {atoms.res_name[i]} {atoms.chain_id[i]}{atoms.res_seq[i]}: {exc}"

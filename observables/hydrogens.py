@@ -59,11 +59,16 @@ __all__ = [
     "place_alpha_h",
     "place_amide_h",
     "place_glycine_ha",
+    "residue_groups",
     "residue_index",
     "rotor_centroid",
 ]
 
-# X-H bond lengths (A); sources in the module docstring.
+# X-H bond lengths (A), the project's one set (observables.rdc places H and sets D_max(N-H) with these); sources in
+# the module docstring.  AMIDE_NH: backbone N-H, the vibrationally averaged length of N-H dipolar couplings (Ottiger &
+# Bax 1998, J. Am. Chem. Soc. 120, 12334), also the value of the reference RDC analysis of the shared ubiquitin data.
+# ALIPHATIC_CH: neutron-diffraction C(sp3)-H (Allen & Bruno 2010, Acta Cryst. B66, 380; Allen et al. 1987, J. Chem.
+# Soc. Perkin Trans. 2, S1), also HA.
 AMIDE_NH = 1.02
 ALIPHATIC_CH = 1.09
 AROMATIC_CH = 1.08
@@ -141,7 +146,8 @@ def rotor_centroid(center, attached, bond):
 def place_amide_h(coords, n, ca, c_prev, length=AMIDE_NH):
     """Backbone amide H ``[..., K, 3]`` from index arrays ``n, ca, c_prev [K]`` into ``coords [..., N, 3]``.
 
-    H is ``length`` (1.02 A) from N along unit(unit(N - C_prev) + unit(N - CA)).
+    H is ``length`` (1.02 A) from N along unit(unit(N - C_prev) + unit(N - CA)): the bisector of the C(i-1)->N and
+    CA->N directions, the sp2 N in the peptide plane.  The one amide-H placement (NOE, RDC, the demo data).
     """
     nb = jnp.stack([coords[..., c_prev, :], coords[..., ca, :]], axis=-2)
     return bisector_h(coords[..., n, :], nb, jnp.ones(nb.shape[:-1]), length)
@@ -385,26 +391,32 @@ class ResidueIndex(NamedTuple):
     previous: list[int]
 
 
+def residue_groups(chain_id, res_seq) -> tuple[list[tuple[str, int]], np.ndarray]:
+    """Residues as the observables see them: every atom with one (chain, residue number) is one residue, wherever
+    it sits, and residues are numbered in order of their first atom (the rule of ``predictors.base.AtomLayout``'s
+    ``residues`` / ``residue_index``, which observables cannot import).  Returns the keys ``[R]`` as ``(str, int)``
+    and each atom's residue ``[N]`` (int64).  Chain ids are used as given (``str``): callers strip them if needed."""
+    order: dict[tuple[str, int], int] = {}
+    residue = np.array([order.setdefault((str(c), int(r)), len(order)) for c, r in zip(chain_id, res_seq)],
+                       dtype=np.int64)
+    return list(order), residue
+
+
 def residue_index(atoms: AtomInfo, peptide_bond_max: float = 2.0) -> ResidueIndex:
-    """Group atoms into residues by (chain, res_seq) and link each residue to the one it is peptide-bonded to.
+    """Group atoms into residues by (chain, res_seq) (``residue_groups``, chain ids stripped) and link each residue
+    to the one it is peptide-bonded to.
 
     A residue follows the previous residue of its chain (in order of appearance) if both have the bond atoms (C, N)
     and, when ``atoms.coords`` are given, C(i-1)-N(i) is shorter than ``peptide_bond_max`` A in the first conformer;
     without coordinates the residue numbers must be consecutive.  Names are upper-cased and stripped; an amide "HN"
     (X-PLOR/CHARMM) is read as "H".
     """
-    keys: list[tuple[str, int]] = []
-    res_name: list[str] = []
-    members: list[dict[str, int]] = []
-    where: dict[tuple[str, int], int] = {}
-    for i in range(len(atoms)):
-        key = (str(atoms.chain_id[i]).strip(), int(atoms.res_seq[i]))
-        r = where.get(key)
-        if r is None:
-            r = where[key] = len(keys)
-            keys.append(key)
-            res_name.append(str(atoms.res_name[i]).strip().upper())
-            members.append({})
+    keys, residue = residue_groups([str(c).strip() for c in atoms.chain_id], atoms.res_seq)
+    res_name: list[str | None] = [None] * len(keys)
+    members: list[dict[str, int]] = [{} for _ in keys]
+    for i, r in enumerate(residue.tolist()):
+        if res_name[r] is None:  # the residue's first atom names it
+            res_name[r] = str(atoms.res_name[i]).strip().upper()
         name = str(atoms.atom_name[i]).strip().upper()
         name = "H" if name == "HN" else name
         members[r].setdefault(name, i)

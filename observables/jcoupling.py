@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from observables.base import AtomInfo, register
+from observables.base import AtomInfo
 from observables.nmr import (
     MAX_PEPTIDE_BOND,
     Backbone,
@@ -237,7 +237,6 @@ def _as_data(data) -> JCouplingData:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@register("jcoupling")
 class JCouplingObservable:
     """Likelihood of measured 3J(HN,HA) couplings given a weighted ensemble (see the module docstring).
 
@@ -250,6 +249,7 @@ class JCouplingObservable:
     """
 
     name = "jcoupling"
+    headline = ("chi2", "q_factor", "rmsd")
 
     def __init__(
         self,

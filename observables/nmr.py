@@ -1,8 +1,8 @@
 """Shared pieces of the NMR observables: the protein backbone, its dihedrals in pure JAX, and NMR-STAR 3 loops.
 
 Backbone (``Backbone``): the model's residues in atom order, with the atom indices of N, CA and C and whether each
-residue is joined to the one before it by a peptide bond.  Residues are runs of atoms with the same
-``(chain_id, res_seq, res_name)``.  Residue i-1 and i are *linked* when they are neighbours in the same chain, both
+residue is joined to the one before it by a peptide bond.  A residue is every atom with one ``(chain_id, res_seq)``
+(``observables.hydrogens.residue_groups``, the grouping of the model's atom layout); its name is its first atom's.  Residue i-1 and i are *linked* when they are neighbours in the same chain, both
 have N, CA and C, their numbers differ by one, and — where the model comes with reference coordinates
 (``AtomInfo.coords``) — the C(i-1)-N(i) distance in the first conformer is at most ``max_peptide_bond`` (2.0 A; a
 peptide bond is 1.33 A).  A chain break therefore ends the dihedrals on both sides of it.
@@ -34,6 +34,7 @@ import numpy as np
 
 from observables.base import AtomInfo
 from observables.errors import InputError
+from observables.hydrogens import residue_groups
 
 __all__ = [
     "MAX_PEPTIDE_BOND",
@@ -193,16 +194,13 @@ def backbone(atoms: AtomInfo, max_peptide_bond: float = MAX_PEPTIDE_BOND) -> Bac
     n_atoms = len(seq)
     if n_atoms == 0:
         raise NmrDataError("the model has no atoms")
-    new_residue = np.ones(n_atoms, dtype=bool)
-    new_residue[1:] = (chain[1:] != chain[:-1]) | (seq[1:] != seq[:-1]) | (rname[1:] != rname[:-1])
-    starts = np.flatnonzero(new_residue)
-    ends = np.append(starts[1:], n_atoms)
-    n_res = len(starts)
+    keys, residue = residue_groups(chain, seq)
+    n_res = len(keys)
+    starts = np.unique(residue, return_index=True)[1]  # first atom of each residue (increasing, as residues are)
     idx = {name: np.full(n_res, -1, dtype=np.int64) for name in ("N", "CA", "C")}
-    for r, (s, e) in enumerate(zip(starts, ends)):
-        for k in range(s, e):
-            if aname[k] in idx and idx[aname[k]][r] < 0:
-                idx[aname[k]][r] = k
+    for k, r in enumerate(residue.tolist()):
+        if aname[k] in idx and idx[aname[k]][r] < 0:
+            idx[aname[k]][r] = k
     complete = (idx["N"] >= 0) & (idx["CA"] >= 0) & (idx["C"] >= 0)
     linked = np.zeros(n_res, dtype=bool)
     linked[1:] = (

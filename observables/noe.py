@@ -61,7 +61,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from observables.base import AtomInfo, register
+from observables.base import AtomInfo
 from observables.errors import InputError
 from observables.nmr import unmapped_report, unmapped_warning
 from observables.hydrogens import (
@@ -678,7 +678,6 @@ _TWO_METHYLS = {"LEU": ("HD1", "HD2", "QQD"), "VAL": ("HG1", "HG2", "QQG")}
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@register("noe")
 class NoeObservable:
     """Likelihood of NOE distance restraints given a weighted ensemble (module docstring: model, pseudo-atoms, names).
 
@@ -693,6 +692,8 @@ class NoeObservable:
     """
 
     name = "noe"
+    data_key = "restraints"  # the option naming the data file
+    headline = ("violations", "rms_violation")
 
     def __init__(
         self,

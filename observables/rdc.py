@@ -37,9 +37,10 @@ Physics (units: Hz, Angstrom, SI constants)
 
 Atoms: couplings name two atoms of the model by (chain, residue number, atom name).  Hydrogens come from the model
 when it has them (amide H named H or HN, HA); otherwise, since predictors give heavy atoms only, they are placed
-from the backbone inside the JAX function (differentiable): the amide H at ``AMIDE_NH_LENGTH`` along the bisector of
-C(i-1)->N and CA->N; HA of non-glycine residues at ``HA_LENGTH`` opposite the sum of the unit vectors
-CA->N, CA->C and CA->CB (tetrahedral); glycine HA2/HA3 by the IUPAC methylene rule (``place_glycine_ha``).
+from the backbone inside the JAX function (differentiable): the amide H at ``AMIDE_NH`` along the bisector of
+C(i-1)->N and CA->N (``observables.hydrogens.place_amide_h``); HA of non-glycine residues at ``ALIPHATIC_CH`` opposite
+the sum of the unit vectors CA->N, CA->C and CA->CB (tetrahedral); glycine HA2/HA3 by the IUPAC methylene rule
+(``place_glycine_ha``).  Both X-H lengths are observables.hydrogens' constants.
 Couplings that cannot be built are not used but counted and listed with a reason (``unmapped``, and the report's
 ``n_unmapped`` / ``unmapped``): residue absent, atom absent, unknown atom name, proline or first residue (no amide
 H), heavy atoms missing for a placement.  Wildcard atoms (``10CA-HA#``) are predicted as the mean of their members'
@@ -63,13 +64,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from observables.base import AtomInfo, register
+from observables.base import AtomInfo
 from observables.errors import InputError
-from observables.hydrogens import bisector_h, methylene_h
+from observables.form_factors import normalise_element
+from observables.hydrogens import ALIPHATIC_CH, AMIDE_NH, bisector_h, methylene_h, place_amide_h
 from observables.nmr import NmrDataError, read_star, text_lines, unmapped_report
 
 __all__ = [
-    "AMIDE_NH_LENGTH",
     "BOND_LENGTHS",
     "GYROMAGNETIC_RATIO",
     "AtomRef",
@@ -80,7 +81,6 @@ __all__ = [
     "design_rows",
     "dipolar_constant",
     "fit_tensor",
-    "place_amide_h",
     "place_glycine_ha",
     "place_ha",
     "read_nmrstar",
@@ -104,21 +104,18 @@ HBAR = 6.62607015e-34 / (2.0 * math.pi)
 # (gamma / 10^7 rad s^-1 T^-1 = 26.7522128, 6.728284, -2.71261804).
 GYROMAGNETIC_RATIO = {"H": 26.7522128e7, "C": 6.728284e7, "N": -2.71261804e7}
 
-# Amide N-H distance (A) used both to place H and in D_max(N-H): the value of the reference analysis of the shared
-# ubiquitin data (../shared/data/README.md: Q = 0.18 for 1UBQ).  Only the N-H direction enters the fit; the length
-# only sets D_max(N-H), i.e. the N-H normalisation of T and the ratios c_k of the other bond types.
-AMIDE_NH_LENGTH = 1.02
-# Ideal C-H length (A) used to place HA: neutron-diffraction C(sp3)-H, Allen et al., J. Chem. Soc. Perkin Trans. 2,
-# S1 (1987), 1.09 A.
-HA_LENGTH = 1.09
+# The amide N-H distance (observables.hydrogens.AMIDE_NH, 1.02 A) is used both to place H and in D_max(N-H): it is
+# also the value of the reference analysis of the shared ubiquitin data (../shared/data/README.md: Q = 0.18 for
+# 1UBQ).  Only the N-H direction enters the fit; the length only sets D_max(N-H), i.e. the N-H normalisation of T and
+# the ratios c_k of the other bond types.  HA is placed at observables.hydrogens.ALIPHATIC_CH (1.09 A).
 
 # Internuclear distances (A) that fix each bond type's D_max, keyed "A-B" by atom names (order-free; HN = H,
 # HA2/HA3 = HA).  Heavy-atom bonds: Engh & Huber, Acta Cryst. A47, 392 (1991), protein backbone.  These are
 # equilibrium lengths; vibrationally averaged "effective" lengths are a few percent longer (Ottiger & Bax, J. Am.
 # Chem. Soc. 120, 12334 (1998)) -- override with the ``bond_lengths`` option when mixing bond types matters.
 BOND_LENGTHS = {
-    "N-H": AMIDE_NH_LENGTH,
-    "CA-HA": HA_LENGTH,
+    "N-H": AMIDE_NH,
+    "CA-HA": ALIPHATIC_CH,
     "N-CA": 1.458,
     "CA-C": 1.525,
     "C-N": 1.329,
@@ -143,8 +140,8 @@ def dipolar_constant(element_1: str, element_2: str, distance: float) -> float:
     Elements H, C, N stand for 1H, 13C, 15N (``GYROMAGNETIC_RATIO``).  D = D_max u^T S u with S the Saupe matrix.
     """
     try:
-        g1 = GYROMAGNETIC_RATIO[_element(element_1)]
-        g2 = GYROMAGNETIC_RATIO[_element(element_2)]
+        g1 = GYROMAGNETIC_RATIO[normalise_element(element_1)]
+        g2 = GYROMAGNETIC_RATIO[normalise_element(element_2)]
     except KeyError as exc:
         raise RDCError(
             f"no gyromagnetic ratio for element {exc.args[0]!r}; RDCs are supported between "
@@ -154,10 +151,6 @@ def dipolar_constant(element_1: str, element_2: str, distance: float) -> float:
         raise RDCError(f"internuclear distance must be > 0 A, got {distance}")
     r = distance * 1e-10  # m
     return -MU0_OVER_4PI * g1 * g2 * HBAR / (math.pi * r**3)
-
-
-def _element(name: str) -> str:
-    return str(name).strip().capitalize()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -170,22 +163,14 @@ def _unit(v, eps: float = 1e-12):
     return v / jnp.sqrt(jnp.sum(v * v, axis=-1, keepdims=True) + eps)
 
 
-def place_amide_h(c_prev, n, ca, length: float = AMIDE_NH_LENGTH):
-    """Amide H positions [..., 3] (A) from C(i-1), N(i), CA(i) [..., 3]: at ``length`` from N along the bisector of
-    the C(i-1)->N and CA->N directions, i.e. along unit(N - C_prev) + unit(N - CA) (the sp2 N in the peptide plane).
-    The construction is observables.hydrogens.bisector_h, shared with the NOE observable."""
-    neighbours = jnp.stack([c_prev, ca], axis=-2)
-    return bisector_h(n, neighbours, jnp.ones(neighbours.shape[:-1]), length)
-
-
-def place_ha(n, ca, c, cb, length: float = HA_LENGTH):
+def place_ha(n, ca, c, cb, length: float = ALIPHATIC_CH):
     """HA positions [..., 3] (A) of non-glycine residues from N, CA, C, CB [..., 3]: at ``length`` from CA opposite
     the sum of the unit bond vectors CA->N, CA->C, CA->CB (exact for an ideal tetrahedron, close otherwise)."""
     neighbours = jnp.stack([n, c, cb], axis=-2)
     return bisector_h(ca, neighbours, jnp.ones(neighbours.shape[:-1]), length)
 
 
-def place_glycine_ha(ca, n, c, sign, length: float = HA_LENGTH):
+def place_glycine_ha(ca, n, c, sign, length: float = ALIPHATIC_CH):
     """Gly HA2 (``sign`` -1) or HA3 (+1) positions [..., 3] (A) from CA, N, C [..., 3]: the IUPAC methylene rule of
     observables.hydrogens.methylene_h (in the plane bisecting N-CA-C, +-54.7 deg from its bisector, at ``length``),
     the construction the NOE observable uses."""
@@ -740,7 +725,6 @@ class _Points:
         return {"atom": 0, "amide": n_atom, "ha": n_atom + n_amide, "gly": n_atom + n_amide + n_ha}
 
 
-@register("rdc")
 class RDCObservable:
     """Likelihood of measured RDCs given a weighted ensemble, with one alignment tensor fitted inside the loss.
 
@@ -779,6 +763,12 @@ class RDCObservable:
     """
 
     name = "rdc"
+    headline = ("chi2", "q_factor", "rmsd")
+
+    @classmethod
+    def synthetic_data(cls, atoms, states, occupancies, directory, *, seed: int = 0, **_) -> Path:
+        """The demo's couplings: ``synthetic_nh_rdcs`` of the mixture, written as two_state_nh.pa."""
+        return synthetic_nh_rdcs(atoms, states, occupancies, Path(directory) / "two_state_nh.pa", seed=seed)
 
     def __init__(
         self,
@@ -968,7 +958,7 @@ class RDCObservable:
         def member_rows(coords):  # [E, N, 3] -> [E, M, 5]
             parts = [coords[:, atom_idx]]
             if len(amide_idx):
-                parts.append(place_amide_h(coords[:, amide_idx[:, 0]], coords[:, amide_idx[:, 1]], coords[:, amide_idx[:, 2]]))
+                parts.append(place_amide_h(coords, amide_idx[:, 1], amide_idx[:, 2], amide_idx[:, 0]))  # N, CA, C(i-1)
             if len(ha_idx):
                 parts.append(place_ha(*(coords[:, ha_idx[:, j]] for j in range(4))))
             if len(gly_idx):
@@ -1150,3 +1140,40 @@ def _number(value, option: str) -> float:
         return float(value)
     except (TypeError, ValueError):
         raise RDCError(f"{option} must be a number of Hz, got {value!r}") from None
+
+
+def synthetic_nh_rdcs(atoms: AtomInfo, states, occupancies, path, *, da: float = 10.0, rhombicity: float = 0.3,
+                      noise: float = 0.5, seed: int = 0) -> Path:
+    """Backbone N-H RDCs (Hz) of the mixture of ``states`` [K, N, 3] at ``occupancies`` [K], written as a ``.pa``
+    file (``<res>N-H <Hz>``).
+
+    A known alignment tensor (``da`` Hz, ``rhombicity``, principal axes turned by a fixed random rotation) acts on the
+    amide N-H vectors of each state (H placed from the backbone as this observable does); the mixture's coupling is
+    the occupancy-weighted mean of the states' couplings, plus Gaussian noise of ``noise`` Hz."""
+    rng = np.random.default_rng(seed)
+    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
+    rot = q * np.sign(np.diag(r))
+    s = matrix_to_saupe(alignment_tensor(da, rhombicity, rot))
+    res_seq, atom_name, res_name = (np.asarray(atoms.res_seq), np.asarray(atoms.atom_name).astype(str),
+                                    np.asarray(atoms.res_name).astype(str))
+
+    def at(res, name):
+        return np.flatnonzero((res_seq == res) & (atom_name == name))
+
+    residues = [r for r in sorted(set(res_seq.tolist()))[1:]
+                if res_name[res_seq == r][0] != "PRO" and at(r - 1, "C").size]
+    couplings = np.zeros(len(residues))
+    for occ, coords in zip(occupancies, np.asarray(states)):
+        c_prev = np.array([int(at(r - 1, "C")[0]) for r in residues], dtype=np.int64)
+        n_idx = np.array([int(at(r, "N")[0]) for r in residues], dtype=np.int64)
+        ca = np.array([int(at(r, "CA")[0]) for r in residues], dtype=np.int64)
+        h = np.asarray(place_amide_h(coords, n_idx, ca, c_prev))
+        couplings += float(occ) * np.asarray(design_rows(h - coords[n_idx], np.ones(len(residues)))) @ s
+    couplings += noise * rng.normal(size=len(residues))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [f"# synthetic N-H RDCs of the two-state demo peptide, occupancies {list(occupancies)}, "
+             f"Da {da} Hz, R {rhombicity}, noise {noise} Hz"]
+    lines += [f"{r}N-H {d:.3f}" for r, d in zip(residues, couplings)]
+    path.write_text("\n".join(lines) + "\n")
+    return path

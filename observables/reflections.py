@@ -33,7 +33,6 @@ Reflections with missing F or sigma, F <= 0, sigma <= 0 or systematically absent
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 

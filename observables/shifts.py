@@ -53,7 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from observables.base import AtomInfo, register
+from observables.base import AtomInfo
 from observables.nmr import (
     MAX_PEPTIDE_BOND,
     NmrDataError,
@@ -416,7 +416,6 @@ def _best_offset(seen: dict[int, str], model: dict[int, str]) -> int | None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@register("shifts")
 class ShiftsObservable:
     """Likelihood of measured backbone chemical shifts given a weighted ensemble (see the module docstring).
 
@@ -429,6 +428,7 @@ class ShiftsObservable:
     """
 
     name = "shifts"
+    headline = ("chi2", "rmse_ca")
 
     def __init__(
         self,

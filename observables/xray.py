@@ -56,7 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.special
 
-from observables.base import AtomInfo, Crystal, FixedAtoms, register
+from observables.base import AtomInfo, Crystal, FixedAtoms, PlotSpec
 from observables.form_factors import normalise_element
 from observables.reflections import ReflectionError, Reflections, read_reflections
 from observables.sfcalc import StructureFactorModel, b_range, displacements, miller_stol2, symmetry_ops
@@ -309,7 +309,6 @@ def _bins(stol2: np.ndarray, mask: np.ndarray, per_bin: int = 100, max_bins: int
 # the observable
 
 
-@register("xray")
 class XrayObservable:
     """Likelihood of measured X-ray amplitudes given a weighted ensemble (module docstring).
 
@@ -323,6 +322,22 @@ class XrayObservable:
     """
 
     name = "xray"
+    headline = ("r_work", "r_free")
+
+    def describe(self) -> list[str]:
+        refl, fit = self.reflections, self.fit
+        return [f"{refl.path}, columns {','.join(refl.columns)}, {len(refl)} reflections ({self.n_work} work, "
+                f"{len(refl) - self.n_work} free: {refl.free_rule}), {refl.d_max:.2f}-{refl.d_min:.2f} A; "
+                f"{self.crystal_data.describe()}; F_calc grid {list(self.sf.grid.shape)}, blur {self.sf.blur:.1f} A^2",
+                f"first fit to the input structure: k_sol {fit['k_sol']:.3f} e/A^3, B_sol {fit['b_sol']:.1f} A^2, "
+                f"solvent {100 * fit['solvent_fraction']:.0f} % of the cell, sigma_A {fit['sigmaa_bins']}"]
+
+    def plots(self, coords, weights, report) -> list[PlotSpec]:
+        """R-work and R-free by resolution, from the report's bins."""
+        if not report.get("bins"):
+            return []
+        return [PlotSpec("r_by_resolution.png", "r_by_resolution", {
+            "bins": report["bins"], "title": f"R-work {report['r_work']:.3f}, R-free {report['r_free']:.3f}"})]
 
     def __init__(
         self,

@@ -64,9 +64,30 @@ class AtomLayout:
         sel = np.asarray(mask_or_index)
         return AtomLayout(self.chain_id[sel], self.res_seq[sel], self.res_name[sel], self.atom_name[sel], self.element[sel])
 
+    # Residue grouping: a residue is every atom with one (chain, residue number), wherever it sits in the layout;
+    # residues are numbered in order of their first atom.  Only ``chain_id`` and ``res_seq`` are read, so these also
+    # serve duck-typed layouts (``AtomLayout.residue_index(obj)``).
+
+    def residue_keys(self) -> list[tuple[str, int]]:
+        """(chain, residue number) of every atom, in layout order (length N)."""
+        return list(zip(np.asarray(self.chain_id).tolist(), np.asarray(self.res_seq).tolist()))
+
     def residues(self) -> list[tuple[str, int]]:
         """Distinct (chain, residue number) in layout order."""
-        return list(dict.fromkeys(zip(self.chain_id.tolist(), self.res_seq.tolist())))
+        return list(dict.fromkeys(AtomLayout.residue_keys(self)))
+
+    def residue_index(self) -> np.ndarray:
+        """[N] int64: for each atom, the position of its residue in :meth:`residues`."""
+        keys = AtomLayout.residue_keys(self)
+        order = {k: r for r, k in enumerate(dict.fromkeys(keys))}
+        return np.array([order[k] for k in keys], dtype=np.int64)
+
+    def residue_atoms(self) -> dict[tuple[str, int], np.ndarray]:
+        """(chain, residue number) -> int64 indices of its atoms (increasing), residues in layout order."""
+        groups: dict[tuple[str, int], list[int]] = {}
+        for i, key in enumerate(AtomLayout.residue_keys(self)):
+            groups.setdefault(key, []).append(i)
+        return {k: np.array(v, dtype=np.int64) for k, v in groups.items()}
 
 
 @dataclass(frozen=True)

@@ -138,10 +138,8 @@ def _anm_nodes(layout: AtomLayout, coords: np.ndarray, n_modes: int) -> tuple[np
     ``n_modes`` non-trivial modes, every atom is its own node.
     """
     n_atoms = len(layout)
-    residue_keys = list(zip(layout.chain_id.tolist(), layout.res_seq.tolist()))
-    residue_ids = {key: r for r, key in enumerate(dict.fromkeys(residue_keys))}
-    atom_residue = np.array([residue_ids[key] for key in residue_keys], dtype=np.int64)
-    n_res = len(residue_ids)
+    atom_residue = layout.residue_index()
+    n_res = len(layout.residues())
     is_ca = layout.atom_name == "CA"
     if is_ca.any() and 3 * n_res - 6 >= n_modes:
         node_atom = np.full(n_res, -1, dtype=np.int64)

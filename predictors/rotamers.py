@@ -161,17 +161,13 @@ def side_chain_blocks(
     coords = np.asarray(coords, dtype=np.float64)
     lib = library()
     names = layout.atom_name.tolist()
-    residue_of = list(zip(layout.chain_id.tolist(), layout.res_seq.tolist()))
+    residue_of = layout.residue_keys()
     heavy = layout.element != "H"
     frame = np.isin(layout.atom_name, ["N", "CA", "C", "O", "CB"]) & heavy
     frame_tree = cKDTree(coords[frame])
     frame_residue = [residue_of[i] for i in np.flatnonzero(frame)]
     blocks = []
-    atoms_of: dict[tuple, list[int]] = {}
-    for i, key in enumerate(residue_of):
-        atoms_of.setdefault(key, []).append(i)
-    for key, members in atoms_of.items():
-        members = np.array(members)
+    for key, members in layout.residue_atoms().items():
         res_name = str(layout.res_name[members[0]])
         if res_name not in CHI_ATOMS or res_name not in lib:
             continue

@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     if args.torch_threads is not None:
         torch.set_num_threads(args.torch_threads)
 
-    from guidance.demo import build_two_state_peptide
+    from guidance.fixtures import build_two_state_peptide
     from predictors.boltz import make_denoiser, tiny_model
 
     pep = build_two_state_peptide()

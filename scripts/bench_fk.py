@@ -2,7 +2,7 @@
 in one batch per step, so the cost should grow no faster than the batch size P*E (sub-linearly while per-call
 overheads dominate).
 
-Setup: the embedded two-state peptide (guidance/demo.py) as a reference prior over its two conformers, a synthetic
+Setup: the embedded two-state peptide (guidance/fixtures.py) as a reference prior over its two conformers, a synthetic
 X-ray map of the two states at occupancies 0.6/0.4 (observables.density.synthetic_map), the density observable, FK
 steering (difference potentials, systematic resampling) plus DPS drift, AF3 sampler defaults (Euler steps).
 Each P is warmed up first (JIT compilation of the batched likelihood for that shape), then timed ``--repeats`` times,
@@ -30,7 +30,7 @@ import torch
 from guidance import fk as fk_mod
 from guidance.dps import DPS, Strength
 from guidance.objective import Objective, Term
-from guidance.sampler import initial_noise, plan
+from guidance.sampler import Sampling, initial_noise, plan
 from observables.base import AtomInfo
 from observables.density import DensityObservable, synthetic_map
 from predictors.reference import ReferencePrior
@@ -42,9 +42,9 @@ OCCUPANCIES = (0.6, 0.4)
 def two_states():
     """(layout, conformers [2, N, 3]) of the demo peptide (helix-loop-helix with two loop conformations)."""
     try:
-        from guidance.demo import build_two_state_peptide
+        from guidance.fixtures import build_two_state_peptide
     except ImportError:  # demo module without the two-state builder: a plain helix and a crankshafted middle
-        from guidance.demo import ALPHA_HELIX, build_peptide, crankshaft
+        from guidance.fixtures import ALPHA_HELIX, build_peptide, crankshaft
 
         seq = "SAEELLKKAEELLKRGDGSAEELAKKALEL"
         layout, a = build_peptide(seq, np.tile(ALPHA_HELIX, (len(seq), 1)))
@@ -97,8 +97,8 @@ def run_once(prior, objective, n_atoms: int, particles: int, members: int, steps
     x = initial_noise((particles * members, n_atoms, 3), pl[0].sigma, gen)
     t0 = time.perf_counter()
     res = fk_mod.steer(prior.denoise, x, pl, sched, gen, n_particles=particles, n_members=members,
-                       objective=objective, fk=fk_mod.FK(particles=particles, lam=1.0),
-                       dps=DPS(strength=Strength(0.5)), n_steps_total=steps)
+                       objective=objective, fk=fk_mod.FK(particles=particles, lam=1.0, twist_sigma=None),
+                       dps=DPS(strength=Strength(0.5), max_step=1.0), sampling=Sampling(n_steps_total=steps))
     elapsed = time.perf_counter() - t0
     if not torch.isfinite(res.particles).all():
         raise RuntimeError(f"P={particles}: the guided run produced non-finite coordinates")

@@ -13,7 +13,7 @@ import torch
 
 from guidance import fk as fk_mod
 from guidance.dps import DPS, Strength
-from guidance.sampler import initial_noise
+from guidance.sampler import Sampling, initial_noise
 from observables.base import AtomInfo
 from observables.density import DensityObservable, synthetic_map
 
@@ -65,7 +65,8 @@ def guided_step_ms(denoise, objective, step, schedule, generator, *, particles: 
 
     def guided():
         fk_mod.steer(denoise, xs, step, schedule, generator, n_particles=particles, n_members=members,
-                     objective=timed, dps=dps, fk=fk, n_steps_total=n_steps_total, augmentation=True, align=True)
+                     objective=timed, dps=dps, fk=fk,
+                     sampling=Sampling(augmentation=True, align=True, n_steps_total=n_steps_total))
 
     guided()  # warm-up (JIT)
     step_times, shares = [], []

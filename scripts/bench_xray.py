@@ -74,12 +74,9 @@ def crystal(n_atoms: int, seed: int):
 
 
 def gemmi_forward(st: gemmi.Structure, d_min: float):
-    dc = gemmi.DensityCalculatorX()
-    dc.d_min = d_min
-    dc.set_refmac_compatible_blur(st[0])
-    dc.set_grid_cell_and_spacegroup(st)
-    dc.put_model_density_on_grid(st[0])
-    return gemmi.transform_map_to_f_phi(dc.grid, half_l=True), dc
+    from guidance.structures.maps import structure_factors
+
+    return structure_factors(st, d_min)
 
 
 def _peak_rss() -> int | None:

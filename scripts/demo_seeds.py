@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     for method in args.methods:
         for seed in args.seeds:
             out = root / f"{method}_{seed}"
-            proc = subprocess.run([sys.executable, "-m", "guidance.run", f"guidance={method}", f"seed={seed}",
+            proc = subprocess.run([sys.executable, "-m", "guidance.app", f"guidance={method}", f"seed={seed}",
                                    f"hydra.run.dir={out}", *overrides], capture_output=True, text=True)
             if proc.returncode != 0:
                 print(f"{method:>6} {seed:>4} failed: {proc.stderr.strip().splitlines()[-1:]}")

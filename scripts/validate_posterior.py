@@ -29,7 +29,7 @@ import torch
 from guidance import fk as fk_mod
 from guidance.dps import DPS, Strength
 from guidance.objective import Objective, Term
-from guidance.sampler import initial_noise, plan, sample
+from guidance.sampler import Sampling, initial_noise, plan, sample
 from observables.base import AtomInfo
 from observables.linear import LinearGaussian
 from predictors.base import AtomLayout, NoiseSchedule
@@ -67,13 +67,13 @@ def run(particles: int = 1024, steps: int = 100, seed: int = 0, n_prior: int = 4
     gen = torch.Generator().manual_seed(seed)
 
     x = initial_noise((n_prior, n, 3), plan_[0].sigma, gen)
-    prior_samples = sample(prior.denoise, x, plan_, sched, gen, solver="heun").reshape(n_prior, -1).double().numpy()
+    prior_samples = sample(prior.denoise, x, plan_, sched, gen, sampling=Sampling(solver="heun")).reshape(n_prior, -1).double().numpy()
     prior_mean_err = np.linalg.norm(prior_samples.mean(0) - pb["mu"]) / shift
 
     x = initial_noise((particles, n, 3), plan_[0].sigma, gen)
     res = fk_mod.steer(prior.denoise, x, plan_, sched, gen, n_particles=particles, n_members=1, objective=objective,
-                       fk=fk_mod.FK(particles=particles, lam=1.0, potential="difference", twist_sigma=twist_sigma), n_steps_total=steps,
-                       solver="heun")
+                       fk=fk_mod.FK(particles=particles, lam=1.0, potential="difference", twist_sigma=twist_sigma),
+                       sampling=Sampling(solver="heun", n_steps_total=steps))
     w = res.weights.numpy()
     xs = res.particles.reshape(particles, -1).double().numpy()
     fk_mean = w @ xs
@@ -84,7 +84,7 @@ def run(particles: int = 1024, steps: int = 100, seed: int = 0, n_prior: int = 4
     x = initial_noise((n_prior, n, 3), plan_[0].sigma, gen)
     dps = DPS(strength=Strength(1.0), gradient="network", scale="score", max_step=10.0)
     res_dps = fk_mod.steer(prior.denoise, x, plan_, sched, gen, n_particles=n_prior, n_members=1, objective=objective,
-                           dps=dps, n_steps_total=steps, solver="heun")
+                           dps=dps, sampling=Sampling(solver="heun", n_steps_total=steps))
     dps_mean = res_dps.particles.reshape(n_prior, -1).double().numpy().mean(0)
     dps_mean_err = np.linalg.norm(dps_mean - pb["post_mean"]) / shift
     prior_var_ratio = float(np.mean(prior_samples.var(0) / pb["tau"] ** 2))

@@ -1,5 +1,5 @@
 """Small structures the NMR observable tests share: an ideal N-CA-C backbone built from phi/psi (NeRF, the demo's
-``guidance.demo.nerf``) and the heavy atoms of one model of a PDB file."""
+``guidance.fixtures.nerf``) and the heavy atoms of one model of a PDB file."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import gemmi
 import numpy as np
 
-from guidance.demo import nerf
+from guidance.fixtures import nerf
 from observables.base import AtomInfo
 
 # Ideal backbone geometry (A, degrees) for the test peptides.

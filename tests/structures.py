@@ -26,7 +26,7 @@ END
 def two_state_inputs(root: Path):
     """The demo's two-state peptide written to ``root`` as an altloc structure (occupancies 0.6/0.4) with a synthetic
     3 A map of that mixture: (peptide, structure path, map path)."""
-    from guidance.demo import build_two_state_peptide, write_two_state_structure
+    from guidance.fixtures import build_two_state_peptide, write_two_state_structure
     from observables.base import AtomInfo
     from observables.density import synthetic_map, write_ccp4
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 
-from guidance.run import _config_dir, run
+from guidance.app.job import config_dir as _config_dir, run
 from observables.errors import InputError
 from structures import TRIPEPTIDE_P1_PDB as PEPTIDE  # tests/structures.py
 
@@ -259,7 +259,7 @@ def test_bad_input_is_one_clear_line(case, tmp_path, config_dir):
 
 
 def _app(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "guidance.run", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "guidance.app", *args], capture_output=True, text=True, timeout=300)
 
 
 def test_the_app_reports_an_input_error_in_one_line_and_exits_1(tmp_path):
@@ -285,10 +285,10 @@ def test_the_app_reports_a_bad_structure_in_one_line(tmp_path):
 
 def test_a_bug_keeps_its_traceback(tmp_path):
     """A ValueError that is not an InputError (here planted in the structure reader) is a bug: the traceback shows."""
-    child = ("import sys, guidance.structure as s\n"
+    child = ("import sys, guidance.structures.io as s\n"
              "def broken(*a, **k):\n    raise ValueError('planted bug')\n"
              "s.read_structure = broken\n"
-             "import guidance.run as r\nr.read_structure = broken\n"
+             "import guidance.app.job as r\nr.read_structure = broken\n"
              "sys.argv = ['ensemble-guide'] + sys.argv[1:]\nr.main()\n")
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-c", child, "mode=score", f"hydra.run.dir={out}"], capture_output=True,

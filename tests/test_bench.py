@@ -16,23 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from guidance.bench import (
-    K_SOL,
-    BenchError,
-    Cell,
-    Entry,
-    _decode,
-    _encode,
-    _map_correlations,
-    expand_grid,
-    parse_regions,
-    prepare_entry,
-    read_manifest,
-    run_overrides,
-    synthetic_amplitudes,
-    synthetic_map,
-    xray_metrics,
-)
+from guidance.bench.app import run_overrides
+from guidance.bench.entries import K_SOL, prepare_entry, synthetic_amplitudes, synthetic_map
+from guidance.bench.manifest import BenchError, Cell, Entry, _decode, _encode, expand_grid, parse_regions, read_manifest
+from guidance.bench.scoring import _map_correlations, xray_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["run=['sampler.steps=8']", "methods.fk=['guidance.particles=2']", "grid.ensemble_size=[2]",
@@ -120,7 +107,7 @@ def test_synthetic_amplitudes_are_the_mixture_measured_in_the_entry_crystal(tmp_
     observable the true mixture reaches R at the noise level with the synthetic k_sol, altloc A alone does not."""
     import gemmi
 
-    from guidance.structure import read_structure
+    from guidance.structures.io import read_structure
     from observables.reflections import read_reflections
 
     (entry,) = read_manifest(write_manifest(tmp_path / "m.csv", [f"awa,{peptides / 'AWA_2conf.pdb'},,1.5,A:2"]))
@@ -148,7 +135,7 @@ def test_synthetic_amplitudes_are_the_mixture_measured_in_the_entry_crystal(tmp_
 def test_a_model_without_a_cell_gets_a_p1_box_that_the_xray_observable_accepts(tmp_path, peptides):
     """A structure without CRYST1: the carved model is written in a P1 orthogonal cell spanning A and B plus the
     padding, the amplitudes are in that cell, and the xray observable's crystal check passes on the model."""
-    from guidance.structure import read_structure
+    from guidance.structures.io import read_structure
 
     source = (peptides / "GNNAFNS_multiconf.pdb").read_text().splitlines(keepends=True)
     bare = tmp_path / "gnn_nocell.pdb"
@@ -168,7 +155,7 @@ def test_without_amplitudes_r_is_empty_and_xray_guidance_is_refused(tmp_path, pe
     overrides of a density+xray job give each observable its data and the grid's strength."""
     from omegaconf import OmegaConf
 
-    from guidance.structure import read_structure
+    from guidance.structures.io import read_structure
 
     entry = Entry("awa", peptides / "AWA_2conf.pdb", tmp_path / "map.ccp4", 1.5, (("A", 2, 2),))
     prep = prepare_entry(entry, tmp_path / "awa")
@@ -239,6 +226,15 @@ def test_ci_bench_writes_results_report_and_plots(ci_bench):
                 assert r[k] in ("", "nan"), (r["key"], k)
                 continue
             assert r[k] not in ("", "nan"), (r["key"], k)
+        # the job directory is a run's: the same metrics.json, whose reference block the bench's figures come from
+        metrics = json.loads((out / "jobs" / r["key"] / "metrics.json").read_text())
+        assert {"observables", "ensemble", "geometry", "reference", "sampling", "config"} <= set(metrics)
+        assert metrics["config"]["mode"] == "sample" and "density" in metrics["observables"]
+        ref = metrics["reference"]
+        assert float(r["fraction_B"]) == pytest.approx(ref["altlocs"]["B"]["assigned_fraction"], abs=1e-9)
+        assert float(r["best_rmsd_B"]) == pytest.approx(ref["altlocs"]["B"]["best_rmsd"], abs=1e-9)
+        assert ref["region"] == ";".join(f"{c}:{a}-{b}" for c, a, b in
+                                          json.loads((out / "results" / f"{r['key']}.json").read_text())["regions"])
     print(f"CI bench: 20 jobs in {wall:.0f} s")
 
 

@@ -270,12 +270,12 @@ def test_ensemble_guide_runs_with_a_boltz2_checkpoint(e2e_inputs, tmp_path, meth
     pair = ",".join(f"{k}:{v}" for k, v in dict(TINY_PAIRFORMER, v2=True).items())
     msa = ",".join(f"{k}:{v}" for k, v in TINY_MSA.items())
     args = ["predictor=boltz2", f"predictor.checkpoint={ckpt}", f"predictor.cache_dir={root / 'no_cache'}",
-            "predictor.recycling_steps=0", f"+predictor.pairformer_args={{{pair}}}", f"+predictor.msa_args={{{msa}}}",
+            "predictor.recycling_steps=0", f"predictor.pairformer_args={{{pair}}}", f"predictor.msa_args={{{msa}}}",
             f"structure={structure}", f"observables.density.map={map_path}", f"guidance={method}",
             "sampler.steps=5", "ensemble_size=2", "output.plots=false", f"hydra.run.dir={out}", "potentials=[boltz]"]
     if method == "fk":
         args.append("guidance.particles=2")
-    proc = subprocess.run([sys.executable, "-m", "guidance.run", *args], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "guidance.app", *args], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("ensemble.cif", "metrics.json", "trajectory.csv", "run.log"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from guidance.demo import TwoStatePeptide, build_peptide, build_two_state_peptide, write_two_state_structure
-from guidance.structure import read_structure
+from guidance.fixtures import TwoStatePeptide, build_peptide, build_two_state_peptide, write_two_state_structure
+from guidance.structures.io import read_structure
 
 # Engh & Huber (1991) ideal backbone geometry, A and degrees: (non-glycine, glycine)
 BOND = {("N", "CA"): (1.458, 1.451), ("CA", "C"): (1.525, 1.516), ("C", "O"): (1.231, 1.231)}

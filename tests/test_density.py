@@ -513,7 +513,7 @@ def _score(*args):
     import subprocess
     import sys
 
-    return subprocess.run([sys.executable, "-m", "guidance.run", "mode=score", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "guidance.app", "mode=score", *args], capture_output=True, text=True,
                           timeout=600)
 
 

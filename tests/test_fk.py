@@ -20,7 +20,7 @@ import torch
 from guidance import fk as fk_mod
 from guidance.dps import DPS, Strength
 from guidance.objective import Objective, Term
-from guidance.sampler import initial_noise, plan, sample
+from guidance.sampler import Sampling, initial_noise, plan, sample
 from observables.base import AtomInfo
 from observables.linear import LinearGaussian
 from predictors.base import AtomLayout, NoiseSchedule
@@ -128,12 +128,12 @@ class CountingObjective:
         return self.objective.value(x, t=t)
 
 
-def steer(prior, objective, p, e, steps, seed=0, **kw):
+def steer(prior, objective, p, e, steps, seed=0, solver="euler", **kw):
     pl = plan(prior.schedule, steps)
     gen = torch.Generator().manual_seed(seed)
     x = initial_noise((p * e, len(prior.layout), 3), pl[0].sigma, gen)
     return fk_mod.steer(prior.denoise, x, pl, prior.schedule, gen, n_particles=p, n_members=e, objective=objective,
-                        n_steps_total=steps, **kw)
+                        sampling=Sampling(solver=solver, n_steps_total=steps), **kw)
 
 
 # ------------------------------------------------------------------------------------------------ bookkeeping
@@ -206,7 +206,7 @@ def test_zero_strength_fk_is_the_unguided_sampler():
     pl = plan(prior.schedule, steps)
     gen = torch.Generator().manual_seed(3)
     x = initial_noise((p, 3, 3), pl[0].sigma, gen)
-    free = sample(prior.denoise, x, pl, prior.schedule, gen, solver="heun")
+    free = sample(prior.denoise, x, pl, prior.schedule, gen, sampling=Sampling(solver="heun"))
     assert torch.equal(res.particles.reshape(p, 3, 3), free)
 
 

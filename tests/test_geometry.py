@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from guidance.demo import build_two_state_peptide
-from guidance.geometry import (
+from guidance.fixtures import build_two_state_peptide
+from guidance.potentials import GeometryPotential
+from guidance.structures.geometry import (
     CLASH_DISTANCE,
     LINK_RULES,
-    GeometryPotential,
     build_restraints,
     clash_pairs,
     count_clashes,
@@ -25,7 +25,7 @@ from guidance.geometry import (
     template_names,
     z_scores,
 )
-from guidance.structure import read_structure
+from guidance.structures.io import read_structure
 from predictors.base import AtomLayout
 
 HEAVY_ATOMS = {"ALA": 5, "ARG": 11, "ASN": 8, "ASP": 8, "CYS": 6, "GLN": 9, "GLU": 9, "GLY": 4, "HIS": 10, "ILE": 8,
@@ -222,7 +222,7 @@ def test_the_demo_peptide_has_no_clash_and_its_old_lys_rotamer_is_caught(peptide
     # default design has Lys 4 in tttt.
     out = count_clashes(peptide.layout, np.stack([peptide.coords_a, peptide.coords_b]))
     assert out["clashes"] == [0, 0] and out["n_heavy_atoms"] == len(peptide.layout)
-    from guidance.demo import DEFAULT_PHI_PSI, DEFAULT_SEQUENCE, build_peptide
+    from guidance.fixtures import DEFAULT_PHI_PSI, DEFAULT_SEQUENCE, build_peptide
 
     layout, xyz = build_peptide(DEFAULT_SEQUENCE, DEFAULT_PHI_PSI, chis={3: (-65.0, 180.0, 180.0, 180.0)})
     pairs = clash_pairs(build_restraints(layout), xyz.astype(np.float64))

@@ -175,7 +175,7 @@ def test_extend_with_hydrogens_appends_placed_protons():
 
 @pytest.fixture(scope="module")
 def kjr(shared_data):
-    from guidance.structure import read_structure
+    from guidance.structures.io import read_structure
 
     conf = read_structure(shared_data("nmr/2KJR/2KJR.pdb"), hydrogens=True)
     atoms = AtomInfo.from_layout(conf.layout, conf.coords)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from guidance.metrics import (
+from guidance.structures.metrics import (
     ENGH_HUBER_1991,
     altloc_assignment,
     geometry_report,
@@ -168,7 +168,7 @@ def ideal_helix(n_res: int = 12, phi: float = -57.8, psi: float = -47.0):
 
 
 def test_engh_huber_backbone_values_are_the_published_ones():
-    # Engh & Huber (1991) backbone means (sds), as transcribed in guidance/data/engh_huber_1991.csv
+    # Engh & Huber (1991) backbone means (sds), as transcribed in guidance/structures/data/engh_huber_1991.csv
     assert ENGH_HUBER_1991["default"] == {
         "N-CA": (1.458, 0.019), "CA-C": (1.525, 0.021), "C-N": (1.329, 0.014), "N-CA-C": (111.2, 2.8),
         "C-O": (1.231, 0.020), "CA-C-N": (116.2, 2.0), "C-N-CA": (121.7, 1.8), "CA-C-O": (120.8, 1.7)}
@@ -351,8 +351,8 @@ def test_recovery_reads_altloc_assignment_output():
 def test_symmetric_side_chain_atoms_are_compared_under_their_better_naming():
     """A Phe ring turned by 180 degrees about CB-CG is the same molecule with CD1/CD2 and CE1/CE2 renamed: its region
     RMSD is zero under the swap rule (as in LDDT) and ~2.2 A without.  Asn OD1/ND2 are not interchangeable."""
-    from guidance.demo import build_peptide
-    from guidance.metrics import region_rmsd, symmetric_swaps
+    from guidance.fixtures import build_peptide
+    from guidance.structures.metrics import region_rmsd, symmetric_swaps
     from predictors.rotamers import set_chis
 
     helix = [(-57.0, -47.0)] * 4

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from guidance.objective import Objective, Term
-from guidance.run import fill_missing
+from guidance.structures.matching import fill_missing
 from guidance.sampler import random_rotations
 from predictors.base import AtomLayout
 

@@ -9,7 +9,7 @@ import gemmi
 import numpy as np
 import pytest
 
-from guidance.multiconf import (
+from guidance.structures.multiconf import (
     MulticonfModel,
     ensemble_to_multiconf,
     multiconf_to_ensemble,
@@ -17,7 +17,7 @@ from guidance.multiconf import (
     read_multiconf,
     write_multiconf,
 )
-from guidance.structure import read_structure
+from guidance.structures.io import read_structure
 from predictors.base import AtomLayout
 
 PEPTIDES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "structures" / "multiconf-peptides"

@@ -300,9 +300,14 @@ def test_restraints_the_model_cannot_satisfy_are_skipped_with_reasons():
 
 
 def test_registered_and_built_from_its_config(tmp_path):
+    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.to_container(OmegaConf.load("configs/observables/noe.yaml"))["noe"]
+    from guidance.app.job import config_dir
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        composed = compose("run", overrides=["observables=[noe]"])
+    cfg = OmegaConf.to_container(composed.observables.noe, resolve=True)  # the app's options: the factory's own
     cfg.pop("weight")
     assert cfg.pop("restraints") is None
     path = tmp_path / "r.tbl"
@@ -320,7 +325,7 @@ def test_registered_and_built_from_its_config(tmp_path):
 
 @pytest.fixture(scope="module")
 def kjr(shared_data):
-    from guidance.structure import read_structure
+    from guidance.structures.io import read_structure
 
     mr = shared_data("nmr/2KJR/2KJR.mr")
     conf = read_structure(shared_data("nmr/2KJR/2KJR.pdb"), hydrogens=True)

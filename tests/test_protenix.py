@@ -262,11 +262,11 @@ def test_protenix_packages_and_ours_coexist():
         "root = logging.getLogger(); root.addHandler(h); root.setLevel(logging.WARNING)\n"
         "from predictors.protenix import _protenix\n"
         "_protenix()\n"
-        "import configs.configs_base, scripts.gen_ccd_cache, runner, guidance.run\n"
+        "import configs.configs_base, scripts.gen_ccd_cache, runner, guidance.app.job\n"
         "assert 'site-packages' in configs.configs_base.__file__\n"
         "assert 'site-packages' in scripts.gen_ccd_cache.__file__\n"
         "assert root.level == logging.WARNING and root.handlers == [h] and h.formatter is fmt\n"
-        "print('ok', guidance.run._config_dir())\n"
+        "print('ok', guidance.app.job.config_dir())\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -296,7 +296,7 @@ def test_ensemble_guide_runs_with_a_protenix_checkpoint(e2e_inputs, cache, tmp_p
             "output.plots=false", f"hydra.run.dir={out}"]
     if method == "fk":
         args.append("guidance.particles=2")
-    proc = subprocess.run([sys.executable, "-m", "guidance.run", *args], capture_output=True, text=True, timeout=300,
+    proc = subprocess.run([sys.executable, "-m", "guidance.app", *args], capture_output=True, text=True, timeout=300,
                           cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("ensemble.cif", "metrics.json", "trajectory.csv", "run.log"):

@@ -14,7 +14,7 @@ import pytest
 from jax.experimental import enable_x64
 
 import observables.rdc  # noqa: F401  (registers "rdc")
-from guidance.demo import nerf
+from guidance.fixtures import nerf
 from observables.base import AtomInfo, Observable, build
 from observables.rdc import (
     AtomRef,
@@ -29,7 +29,6 @@ from observables.rdc import (
     tensor_parameters,
 )
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "observables" / "rdc.yaml"
 
 # Independent numbers for the checks: gamma (rad s^-1 T^-1, IUPAC 2001) and the bond lengths the module documents.
 GAMMA = {"H": 26.7522128e7, "C": 6.728284e7, "N": -2.71261804e7}
@@ -508,9 +507,14 @@ def test_sigma_per_bond_type_and_from_the_file():
 
 
 def test_config_keys_are_the_factory_options(tmp_path):
+    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.to_container(OmegaConf.load(CONFIG), resolve=True)["rdc"]
+    from guidance.app.job import config_dir
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        composed = compose("run", overrides=["observables=[rdc]"])
+    cfg = OmegaConf.to_container(composed.observables.rdc, resolve=True)  # the app's options: the factory's own
     assert cfg.pop("weight") == 1.0 and cfg["data"] is None and cfg["format"] == "auto"
     atoms, coords = backbone(SEQ[:12], seed=2)
     data = couplings_from_tensor(atoms, coords[None], np.ones(1), alignment_tensor(8.0, 0.1, random_rotation(6)))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from backbone_models import peptide
-from guidance.demo import nerf
+from guidance.fixtures import nerf
 from observables.base import AtomInfo
 from observables.errors import InputError
 from observables.rdc import (

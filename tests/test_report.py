@@ -5,7 +5,7 @@ import csv
 import numpy as np
 import pytest
 
-from guidance.report import plot_map_slice, plot_trajectory, plot_weights
+from guidance.app.plots import plot_map_slice, plot_trajectory, plot_weights
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from guidance.demo import build_peptide
+from guidance.fixtures import build_peptide
 from predictors.reference import ReferencePrior
 from predictors.rotamers import (
     CHI_ATOMS,
@@ -50,7 +50,7 @@ def test_library_covers_the_chi_definitions():
 @pytest.mark.parametrize("letter", ["Y", "K", "F", "N", "I", "M", "R", "E"])
 def test_set_chis_matches_an_independent_nerf_build(letter):
     """Turning the chis of a NeRF-built residue to a library rotamer gives the same atoms as building that rotamer
-    directly (guidance.demo.build_peptide places side chains from internal coordinates, independently)."""
+    directly (guidance.fixtures.build_peptide places side chains from internal coordinates, independently)."""
     res3 = {"Y": "TYR", "K": "LYS", "F": "PHE", "N": "ASN", "I": "ILE", "M": "MET", "R": "ARG", "E": "GLU"}[letter]
     start, target = library()[res3][0][2], library()[res3][-1][2]
     layout, xyz = build_peptide(f"A{letter}A", [HELIX] * 3, chis={1: start})
@@ -73,7 +73,7 @@ def test_library_rotamers_built_on_a_reach_the_real_b_side_chains(name, min_bloc
     path = PEPTIDES / name
     if not path.is_file():
         pytest.skip(f"reference data absent: {path} (../shared/data)")
-    from guidance.structure import read_structure
+    from guidance.structures.io import read_structure
 
     conf = read_structure(path)
     a, b = conf.coords[0].astype(np.float64), conf.coords[1].astype(np.float64)

@@ -12,7 +12,7 @@ import pytest
 
 
 def run_app(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "guidance.run", *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "guidance.app", *args], capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -96,13 +96,19 @@ def test_map_that_does_not_cover_the_model_is_refused(demo_runs, tmp_path):
 
 
 def test_config_tree_ships_with_the_package():
-    """The Hydra configs are found as package data (guidance/configs in a wheel) or in the checkout."""
-    from guidance.run import _config_dir
+    """The Hydra YAML tree is found as package data (guidance/configs in a wheel) or in the checkout; the groups'
+    options are not files there but the code's defaults (guidance.app.config), and they compose."""
+    from hydra import compose, initialize_config_dir
 
-    root = Path(_config_dir())
-    for rel in ("run.yaml", "predictor/reference.yaml", "guidance/fk.yaml", "guidance/dps.yaml", "guidance/none.yaml",
-                "sampler/af3.yaml", "observables/density.yaml"):
+    from guidance.app.job import config_dir
+
+    root = Path(config_dir())
+    for rel in ("run.yaml", "bench.yaml", "experiment/saxs_rdc.yaml", "hydra/job_logging/ensemble_guide.yaml"):
         assert (root / rel).is_file(), rel
+    assert not (root / "guidance").exists() and not (root / "observables").exists()
+    with initialize_config_dir(config_dir=str(root), version_base="1.3"):
+        cfg = compose("run", overrides=["guidance=dps", "predictor=protenix", "observables=[saxs]"])
+    assert cfg.guidance.method == "dps" and cfg.predictor.name == "protenix" and "saxs" in cfg.observables
 
 
 def test_interrupted_run_keeps_its_trajectory_and_particles(tmp_path):
@@ -113,7 +119,7 @@ def test_interrupted_run_keeps_its_trajectory_and_particles(tmp_path):
     # a shell without job control starts background jobs with SIGINT ignored, and Python keeps it ignored: the child
     # restores Python's Ctrl-C handler itself, so that the signal reaches it wherever the suite runs
     child = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-             "sys.argv[0] = 'ensemble-guide'; from guidance.run import main; main()")
+             "sys.argv[0] = 'ensemble-guide'; from guidance.app.job import main; main()")
     proc = subprocess.Popen([sys.executable, "-c", child, "sampler.steps=400", f"hydra.run.dir={tmp_path}"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from guidance.sampler import initial_noise, kabsch_align, karras_sigmas, plan, random_rotations, sample
+from guidance.sampler import Sampling, initial_noise, kabsch_align, karras_sigmas, plan, random_rotations, sample
 from predictors.base import AtomLayout, NoiseSchedule
 from predictors.reference import ReferencePrior
 
@@ -32,7 +32,7 @@ def draw(prior: ReferencePrior, n: int, steps: int, seed: int = 0, solver: str =
     pl = plan(sched, steps)
     gen = torch.Generator().manual_seed(seed)
     x = initial_noise((n, len(prior.layout), 3), pl[0].sigma, gen)
-    return sample(prior.denoise, x, pl, sched, gen, solver=solver)
+    return sample(prior.denoise, x, pl, sched, gen, sampling=Sampling(solver=solver))
 
 
 # ------------------------------------------------------------------------------------------------ schedule

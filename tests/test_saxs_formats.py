@@ -169,7 +169,7 @@ def test_observable_report_carries_the_data_and_guinier(shared_data):
 
 
 def test_plot_saxs_fit_writes_a_png(tmp_path, profiles):
-    from guidance.report import plot_saxs_fit
+    from guidance.app.plots import plot_saxs_fit
 
     prof, _ = profiles["lys_saxs.dat"]
     g = guinier_analysis(prof.q, prof.intensity, prof.sigma)

@@ -9,7 +9,7 @@ import gemmi
 import numpy as np
 import pytest
 
-from guidance.structure import (
+from guidance.structures.io import (
     Conformers,
     StructureError,
     altloc_regions,

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from guidance.structure import read_fixed_atoms, read_structure
+from guidance.structures.io import read_fixed_atoms, read_structure
 from observables.base import AtomInfo, Crystal, FixedAtoms
 from observables.reflections import ReflectionError, read_reflections
 from observables.sfcalc import StructureFactorModel, _rfft3, b_range, miller_stol2
@@ -321,7 +321,7 @@ def test_miller_resolution_matches_gemmi():
 
 
 def run_app(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "guidance.run", *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "guidance.app", *args], capture_output=True, text=True, timeout=timeout)
 
 
 def test_score_mode_reports_r_values_and_guided_runs_use_the_amplitudes(shared_data, tmp_path):
@@ -355,8 +355,8 @@ def test_sampling_sets_up_the_data_model_from_the_priors_conformers_only(shared_
     """In sample mode the conformer weights handed to the observables keep only the conformers the prior is built
     from (a benchmark's hidden altloc B gets weight 0), so the X-ray observable's first bulk-solvent and scale fit
     does not see the answer; without a choice every conformer keeps its weight."""
-    from guidance.run import structure_atoms
-    from guidance.structure import match_layouts
+    from guidance.app.build import structure_atoms
+    from guidance.structures.io import match_layouts
 
     conf = read_structure(shared_data("structures/multiconf-peptides/AWA_2conf.pdb"))
     match = match_layouts(conf.layout, conf.layout)

@@ -1,8 +1,8 @@
 """Ideal covalent geometry as restraints on any AtomLayout: bond-length and bond-angle Z-scores, a clash count, and
-a torch potential that pulls structures towards ideal geometry and apart where they overlap.
+the pieces guidance.potentials.GeometryPotential builds on (a torch energy towards ideal geometry).
 
 Ideal values are Engh & Huber (1991), Acta Cryst. A47:392-400, for the heavy atoms of the 20 standard amino acids,
-shipped with their provenance in ``guidance/data/engh_huber_1991.csv`` (bond lengths in A, angles in degrees, each a
+shipped with their provenance in ``guidance/structures/data/engh_huber_1991.csv`` (bond lengths in A, angles in degrees, each a
 mean and a standard deviation).  A restraint exists for every template term whose atoms are all in the layout:
 bonds and angles inside a residue, across the peptide bond C(i-1)-N(i) of residues in the same chain with
 consecutive numbers, and to a C-terminal OXT.  Atoms the layout lacks (no OXT, truncated side chains) just drop
@@ -24,8 +24,10 @@ from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
-import torch
 from scipy.spatial import cKDTree
+
+from guidance.structures.io import as_ensemble
+from predictors.base import AtomLayout
 
 TABLE_PATH = Path(__file__).resolve().parent / "data" / "engh_huber_1991.csv"
 
@@ -77,7 +79,7 @@ def template_names() -> list[str]:
 
 def backbone_table() -> dict[str, dict[str, tuple[float, float]]]:
     """The backbone terms of the table as ``{"default" | "GLY" | "PRO": {term: (mean, sd)}}`` -- the shape of
-    ``guidance.metrics.ENGH_HUBER_1991``.  N-CA, CA-C, C-O, N-CA-C and CA-C-O are the residue's own; C-N is the
+    ``guidance.structures.metrics.ENGH_HUBER_1991``.  N-CA, CA-C, C-O, N-CA-C and CA-C-O are the residue's own; C-N is the
     peptide bond between two residues of the kind; CA-C-N has the residue's CA and C, C-N-CA its N and CA.  PRO has
     only N-CA, CA-C, N-CA-C and the C-N bond to its own N."""
     table = load_table()
@@ -158,10 +160,12 @@ class Restraints:
 
 
 def residue_index(layout) -> np.ndarray:
-    """[N] int64: for each atom, the position of its residue (chain, residue number) in ``layout.residues()``."""
-    keys = list(zip(np.asarray(layout.chain_id).tolist(), np.asarray(layout.res_seq).tolist()))
-    order = {k: r for r, k in enumerate(dict.fromkeys(keys))}
-    return np.array([order[k] for k in keys], dtype=np.int64)
+    """[N] int64: for each atom, the position of its residue (chain, residue number) in ``layout.residues()``.
+
+    ``AtomLayout.residue_index``; a duck-typed layout (``chain_id`` and ``res_seq`` arrays) without that method gets
+    the same rule."""
+    method = getattr(layout, "residue_index", None)
+    return method() if callable(method) else AtomLayout.residue_index(layout)
 
 
 def build_restraints(layout, reference=None) -> Restraints:
@@ -277,22 +281,39 @@ def _is_amino_acid(atoms: dict[str, int]) -> bool:
 
 
 # Covalent radii (A), Cordero et al. (2008) Dalton Trans. 2832-2838; sp3 carbon.  Two atoms are taken as bonded
-# when closer than the sum of their radii plus BOND_TOLERANCE.
+# when closer than the sum of their radii plus BOND_TOLERANCE (``is_bonded``: the project's one covalent-bond rule,
+# also used by guidance/structures/multiconf.py).  Elements without a radius (metal ions, ...) never bond.
 COVALENT_RADII = {"H": 0.31, "D": 0.31, "B": 0.84, "C": 0.76, "N": 0.71, "O": 0.66, "F": 0.57, "P": 1.07, "S": 1.05,
                   "CL": 1.02, "SE": 1.20, "BR": 1.20, "I": 1.39}
 BOND_TOLERANCE = 0.4  # A
+
+
+def covalent_radii(elements) -> np.ndarray:
+    """[N] covalent radii (A) of ``elements`` (any case) from ``COVALENT_RADII``; NaN for elements without one."""
+    element = np.char.upper(np.asarray(elements).astype(str))
+    return np.array([COVALENT_RADII.get(e, np.nan) for e in element], dtype=np.float64).reshape(element.shape)
+
+
+def is_bonded(distance, radius_i, radius_j):
+    """The covalent-bond rule: ``distance < radius_i + radius_j + BOND_TOLERANCE`` (A; arrays broadcast; False where
+    a radius is NaN)."""
+    return distance < radius_i + radius_j + BOND_TOLERANCE
+
+
+def bonded_matrix(coords, radii, a, b) -> np.ndarray:
+    """[len(a), len(b)] bool: atoms ``a`` and ``b`` (index arrays) bonded by :func:`is_bonded` in ``coords`` [N, 3],
+    with per-atom ``radii`` [N] (e.g. from :func:`covalent_radii`)."""
+    d = np.linalg.norm(coords[a][:, None, :] - coords[b][None, :, :], axis=-1)
+    return is_bonded(d, radii[a][:, None], radii[b][None, :])
 
 
 def infer_covalent_bonds(layout, reference, atoms=None) -> np.ndarray:
     """[K, 2] covalent bonds (i < j) with at least one atom in ``atoms`` (bool mask; default all), from distances in
     ``reference`` ([N, 3], or [E, N, 3] where a bond must hold in every member): d < r_i + r_j + 0.4 A with the
     covalent radii of ``COVALENT_RADII``.  Hydrogens, metal ions and elements without a radius never bond here."""
-    ref = np.asarray(reference, dtype=np.float64)
-    ref = ref[None] if ref.ndim == 2 else ref
-    if ref.ndim != 3 or ref.shape[1:] != (len(layout), 3):
-        raise ValueError(f"reference must have shape [N, 3] or [E, N, 3] with N = {len(layout)}; got {ref.shape}")
+    ref = as_ensemble(reference, len(layout), "reference", match="the layout")
     element = np.char.upper(np.asarray(layout.element).astype(str))
-    radius = np.array([COVALENT_RADII.get(e, np.nan) for e in element])
+    radius = covalent_radii(element)
     atoms = np.ones(len(layout), dtype=bool) if atoms is None else np.asarray(atoms, dtype=bool)
     usable = np.isfinite(radius) & ~np.isin(element, HYDROGENS) & np.all(np.isfinite(ref), axis=(0, 2))
     idx = np.flatnonzero(usable)
@@ -304,21 +325,12 @@ def infer_covalent_bonds(layout, reference, atoms=None) -> np.ndarray:
     keep = atoms[i] | atoms[j]
     i, j = i[keep], j[keep]
     d = np.linalg.norm(ref[:, i] - ref[:, j], axis=-1)  # [E, K]
-    bonded = np.all(d < radius[i] + radius[j] + BOND_TOLERANCE, axis=0)
+    bonded = np.all(is_bonded(d, radius[i], radius[j]), axis=0)
     return np.stack([np.minimum(i, j)[bonded], np.maximum(i, j)[bonded]], axis=1).astype(np.int64)
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # Z-scores and clashes (numpy)
-
-
-def _as_ensemble(layout, coords) -> np.ndarray:
-    coords = np.asarray(coords, dtype=np.float64)
-    if coords.ndim == 2:
-        coords = coords[None]
-    if coords.ndim != 3 or coords.shape[1:] != (len(layout), 3):
-        raise ValueError(f"coords must have shape [E, {len(layout)}, 3] to match the layout; got {coords.shape}")
-    return coords
 
 
 def bond_lengths(coords: np.ndarray, bonds: np.ndarray) -> np.ndarray:
@@ -358,7 +370,7 @@ def geometry_rmsz(layout, coords, restraints: Restraints | None = None) -> dict:
     member-averaged numbers of terms with |z| > 4.  Terms with a non-finite coordinate are left out.  Values that
     cannot be computed (no restraint) are None.
     """
-    coords = _as_ensemble(layout, coords)
+    coords = as_ensemble(coords, len(layout), match="the layout")
     restraints = restraints or build_restraints(layout)
     zb, za = z_scores(restraints, coords)
     with np.errstate(invalid="ignore"):
@@ -399,7 +411,7 @@ def count_clashes(layout, coords, distance: float = CLASH_DISTANCE, restraints: 
     Returns ``clashes`` (count per member), ``clashes_per_1000_atoms`` (member mean, per 1000 heavy atoms of the
     layout), ``per_member_per_1000_atoms`` and ``n_heavy_atoms``.
     """
-    coords = _as_ensemble(layout, coords)
+    coords = as_ensemble(coords, len(layout), match="the layout")
     restraints = restraints or build_restraints(layout)
     element = np.char.upper(np.asarray(layout.element).astype(str))
     n_heavy = int((~np.isin(element, HYDROGENS)).sum())
@@ -407,118 +419,3 @@ def count_clashes(layout, coords, distance: float = CLASH_DISTANCE, restraints: 
     rate = counts * 1000.0 / max(n_heavy, 1)
     return {"clashes": counts.tolist(), "clashes_per_1000_atoms": float(rate.mean()),
             "per_member_per_1000_atoms": rate.tolist(), "n_heavy_atoms": n_heavy}
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# The potential (torch)
-
-
-class GeometryPotential:
-    """Covalent geometry and steric repulsion as an energy of single structures, for guidance (``PotentialTerm``).
-
-        E(x) = bond_weight  * 0.5 * sum_bonds  z^2         z = (length - ideal) / sd        (Engh & Huber 1991)
-             + angle_weight * 0.5 * sum_angles z^2         z = (angle - ideal) / sd
-             + clash_weight * 0.5 * sum_pairs ((d0 - d) / s)^2   over clash-eligible pairs with d < d0
-
-    with d0 = ``clash_distance`` (A) and s = ``clash_sd`` (A); the pairs are those of :func:`clash_pairs`
-    (heavy atoms more than three bonds apart, no S-S, no metal ions), found without gradient at every call.
-    Dimensionless: 0.5 z^2 is the negative log of a Gaussian restraint, so E is in units of kT of the restraint
-    ensemble.  ``reference`` (input coordinates, optional) lets covalent bonds of ligands and modified residues be
-    found, so that they are not pushed apart (:func:`build_restraints`).  ``energy_and_grad(x [B, N, 3], t) -> (E [B], dE/dx [B, N, 3], {"bonds", "angles", "clashes": [B]})``
-    where the parts are weighted and sum to E.
-
-    ``onset`` (steering time t: 1 at the first sampling step, 0 at the final sample) delays the term: E is scaled by
-    clip((onset + ramp - t) / ramp, 0, 1), off above onset + ramp and whole from t = onset on (onset = 1: always on;
-    default 0.1: the ramp starts at t = 0.2, where sigma has fallen to ~0.6 A with 30 steps of the AF3 schedule).
-    Early denoised estimates are blends of the prior's modes (e.g. two rotamers averaged): no covalent geometry holds
-    there, and a geometry term would pull every member back into the dominant mode before the data have chosen.
-    """
-
-    def __init__(self, layout, bond_weight: float = 1.0, angle_weight: float = 1.0, clash_weight: float = 1.0,
-                 clash_distance: float = REPULSION_DISTANCE, clash_sd: float = REPULSION_SD,
-                 reference=None, restraints: Restraints | None = None, onset: float = 0.1, ramp: float = 0.1):
-        if not 0.0 <= onset <= 1.0 or ramp <= 0:
-            raise ValueError(f"onset must be in [0, 1] (steering time) and ramp > 0, got onset={onset}, ramp={ramp}")
-        self.onset, self.ramp = float(onset), float(ramp)
-        if clash_distance <= 0 or clash_sd <= 0:
-            raise ValueError(f"clash_distance ({clash_distance}) and clash_sd ({clash_sd}) must be positive (A)")
-        self.restraints = restraints or build_restraints(layout, reference)
-        self.n_atoms = len(layout)
-        self.bond_weight, self.angle_weight, self.clash_weight = float(bond_weight), float(angle_weight), float(
-            clash_weight)
-        self.clash_distance, self.clash_sd = float(clash_distance), float(clash_sd)
-        r = self.restraints
-        self._host = {
-            "bonds": torch.as_tensor(r.bonds), "bond_ideal": torch.as_tensor(r.bond_ideal),
-            "bond_sd": torch.as_tensor(r.bond_sd), "angles": torch.as_tensor(r.angles),
-            "angle_ideal": torch.as_tensor(np.radians(r.angle_ideal)),
-            "angle_sd": torch.as_tensor(np.radians(r.angle_sd)),
-        }
-        self._cache: dict = {}
-
-    def _tensors(self, x: torch.Tensor) -> dict:
-        key = (x.device, x.dtype)
-        if key not in self._cache:
-            self._cache[key] = {k: (v.to(x.device) if v.dtype == torch.int64 else v.to(x.device, x.dtype))
-                                for k, v in self._host.items()}
-        return self._cache[key]
-
-    def pairs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Clash-eligible pairs closer than ``clash_distance`` in each structure (no gradient): (batch, i, j)."""
-        xyz = x.detach().to("cpu", torch.float64).numpy()
-        found = [clash_pairs(self.restraints, xyz[b], self.clash_distance) for b in range(len(xyz))]
-        batch = np.concatenate([np.full(len(p), b, dtype=np.int64) for b, p in enumerate(found)]) if found else []
-        ij = np.concatenate(found) if found else np.zeros((0, 2), dtype=np.int64)
-        def as_t(a):
-            return torch.as_tensor(np.asarray(a, dtype=np.int64), device=x.device)
-
-        return as_t(batch), as_t(ij[:, 0]), as_t(ij[:, 1])
-
-    def energy_parts(self, x: torch.Tensor, pairs=None) -> dict[str, torch.Tensor]:
-        """Weighted energy parts ``{"bonds", "angles", "clashes": [B]}``, differentiable in ``x [B, N, 3]``.
-        ``pairs`` (from :meth:`pairs`) fixes the clash pairs; by default they are searched in ``x``."""
-        if x.ndim != 3 or x.shape[1:] != (self.n_atoms, 3):
-            raise ValueError(f"x must have shape [B, {self.n_atoms}, 3]; got {tuple(x.shape)}")
-        p = self._tensors(x)
-        tiny = torch.finfo(x.dtype).tiny ** 0.5  # keeps sqrt differentiable at zero length
-        bond = x[:, p["bonds"][:, 1]] - x[:, p["bonds"][:, 0]]
-        length = torch.sqrt((bond * bond).sum(-1) + tiny)
-        z_b = (length - p["bond_ideal"]) / p["bond_sd"]
-        u = x[:, p["angles"][:, 0]] - x[:, p["angles"][:, 1]]
-        v = x[:, p["angles"][:, 2]] - x[:, p["angles"][:, 1]]
-        cross = torch.linalg.cross(u, v, dim=-1)
-        theta = torch.atan2(torch.sqrt((cross * cross).sum(-1) + tiny), (u * v).sum(-1))
-        z_a = (theta - p["angle_ideal"]) / p["angle_sd"]
-
-        b, i, j = self.pairs(x) if pairs is None else pairs
-        diff = x[b, j] - x[b, i]
-        d = torch.sqrt((diff * diff).sum(-1) + tiny)
-        z_c = torch.clamp(self.clash_distance - d, min=0.0) / self.clash_sd
-        clashes = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device).index_add(0, b, 0.5 * z_c * z_c)
-        return {"bonds": self.bond_weight * 0.5 * (z_b * z_b).sum(-1),
-                "angles": self.angle_weight * 0.5 * (z_a * z_a).sum(-1),
-                "clashes": self.clash_weight * clashes}
-
-    def energy(self, x: torch.Tensor) -> torch.Tensor:
-        """E [B], differentiable in ``x``."""
-        return sum(self.energy_parts(x).values())
-
-    def scale(self, t: float) -> float:
-        """The factor on E at steering time ``t`` (see ``onset``)."""
-        return float(min(max((self.onset + self.ramp - t) / self.ramp, 0.0), 1.0))
-
-    def energy_and_grad(self, x: torch.Tensor, t: float = 0.0):
-        """(E [B], dE/dx [B, N, 3], weighted parts {name: [B]}) at steering time ``t`` (scaled by ``scale(t)``);
-        gradients by autograd, ``x`` is not modified."""
-        k = self.scale(t)
-        if k == 0.0:
-            zero = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-            return zero, torch.zeros_like(x), {"bonds": zero, "angles": zero, "clashes": zero}
-        with torch.enable_grad():
-            xg = x.detach().requires_grad_(True)
-            parts = {name: k * v for name, v in self.energy_parts(xg).items()}
-            energy = sum(parts.values())
-            (grad,) = torch.autograd.grad(energy.sum(), xg)
-        return energy.detach(), grad.detach(), {k: v.detach() for k, v in parts.items()}
-
-    __call__ = energy_and_grad

@@ -338,3 +338,19 @@ def plot_saxs_fit(q, intensity, sigma, model, out_path, title: str = "",
     for a in (ax, res, kratky):
         a.grid(alpha=0.3)
     return _save(fig, out_path)
+
+
+DRAWERS = {
+    "map_slice": lambda data, path: plot_map_slice(data["map"], data["model"], data["origin"], data["spacing"], path,
+                                                   atoms_xyz=data.get("atoms_xyz"), title=data.get("title")),
+    "saxs_fit": lambda data, path: plot_saxs_fit(data["q"], data["intensity"], data["sigma"], data["model"], path,
+                                                 title=data.get("title", ""), guinier=data.get("guinier")),
+    "r_by_resolution": lambda data, path: plot_r_by_resolution(data["bins"], path, title=data.get("title", "")),
+}
+
+
+def draw(spec, plots: Path) -> Path:
+    """Draw an observable's ``PlotSpec`` into ``plots/<spec.name>``."""
+    if spec.kind not in DRAWERS:
+        raise ValueError(f"plot {spec.name}: unknown kind {spec.kind!r}; the app draws {sorted(DRAWERS)}")
+    return DRAWERS[spec.kind](spec.data, plots / spec.name)

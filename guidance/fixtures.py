@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from guidance.metrics import ENGH_HUBER_1991
+from guidance.structures.metrics import ENGH_HUBER_1991
 from predictors.base import AtomLayout
 
 __all__ = [
@@ -42,7 +42,7 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------------------------
 # Ideal geometry, Engh & Huber (1991).  Lengths in A, angles in degrees.
 # Backbone of non-glycine residues (N-CH1E, CH1E-C, C-NH1, C-O; angles N-CH1E-C, CH1E-C-NH1, C-NH1-CH1E, CH1E-C-O).
-# Backbone of non-glycine residues and of glycine: the means of the one Engh & Huber table in guidance/metrics.py.
+# Backbone of non-glycine residues and of glycine: the means of the one Engh & Huber table in guidance/structures/metrics.py.
 ENGH_HUBER_BACKBONE = {term: mean for term, (mean, _sd) in ENGH_HUBER_1991["default"].items()}
 ENGH_HUBER_GLYCINE = {term: mean for term, (mean, _sd) in ENGH_HUBER_1991["GLY"].items()}
 # CB: (CA-CB length, N-CA-CB angle, C-CA-CB angle) for CH1E-CH3E (Ala), CH1E-CH1E (beta-branched Val/Ile/Thr)
@@ -309,8 +309,8 @@ def _moving_atoms(layout: AtomLayout, loop: tuple[int, int]) -> np.ndarray:
 
 def _close_in_bond_graph(layout: AtomLayout, bonds: int = 2) -> np.ndarray:
     """[N, N] bool: atom pairs at most ``bonds`` covalent bonds apart (and the diagonal), from the residue topology
-    (guidance.geometry's Engh & Huber templates), not from distances -- so an overlap cannot pass for a bond."""
-    from guidance.geometry import build_restraints
+    (guidance.structures.geometry's Engh & Huber templates), not from distances -- so an overlap cannot pass for a bond."""
+    from guidance.structures.geometry import build_restraints
 
     pairs = build_restraints(layout).bonds
     step = np.eye(len(layout), dtype=np.int64)
@@ -387,79 +387,7 @@ def build_two_state_peptide(
 
 def write_two_state_structure(path, peptide: TwoStatePeptide, occupancies=(0.6, 0.4)) -> Path:
     """Write the two states as one model with altlocs A / B on the loop atoms (PDB, or mmCIF by suffix)."""
-    from guidance.structure import write_altloc_structure
+    from guidance.structures.io import write_altloc_structure
 
     coords = np.stack([peptide.coords_a, peptide.coords_b]).astype(np.float64)
     return write_altloc_structure(path, peptide.layout, coords, occupancies, ids=("A", "B"))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# synthetic data of the two-state mixture for the other observables
-
-
-def demo_rdcs(peptide: TwoStatePeptide, occupancies, path, *, da: float = 10.0, rhombicity: float = 0.3,
-              noise: float = 0.5, seed: int = 0) -> Path:
-    """Backbone N-H RDCs (Hz) of the two-state mixture, written as a ``.pa`` file (``<res>N-H <Hz>``).
-
-    A known alignment tensor (``da`` Hz, ``rhombicity``, principal axes turned by a fixed random rotation) acts on the
-    amide N-H vectors of each state (H placed from the backbone as observables.rdc does); the mixture's coupling is the
-    occupancy-weighted mean of the states' couplings, plus Gaussian noise of ``noise`` Hz."""
-    from observables.rdc import alignment_tensor, design_rows, matrix_to_saupe, place_amide_h
-
-    rng = np.random.default_rng(seed)
-    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
-    rot = q * np.sign(np.diag(r))
-    s = matrix_to_saupe(alignment_tensor(da, rhombicity, rot))
-    lay = peptide.layout
-
-    def at(res, name):
-        return np.flatnonzero((lay.res_seq == res) & (lay.atom_name == name))
-
-    residues = [r for r in sorted(set(lay.res_seq.tolist()))[1:]
-                if lay.res_name[lay.res_seq == r][0] != "PRO" and at(r - 1, "C").size]
-    couplings = np.zeros(len(residues))
-    for occ, coords in zip(occupancies, (peptide.coords_a, peptide.coords_b)):
-        c_prev = coords[[int(at(r - 1, "C")[0]) for r in residues]]
-        n = coords[[int(at(r, "N")[0]) for r in residues]]
-        ca = coords[[int(at(r, "CA")[0]) for r in residues]]
-        h = np.asarray(place_amide_h(c_prev, n, ca))
-        couplings += float(occ) * np.asarray(design_rows(h - n, np.ones(len(residues)))) @ s
-    couplings += noise * rng.normal(size=len(residues))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lines = [f"# synthetic N-H RDCs of the two-state demo peptide, occupancies {list(occupancies)}, "
-             f"Da {da} Hz, R {rhombicity}, noise {noise} Hz"]
-    lines += [f"{r}N-H {d:.3f}" for r, d in zip(residues, couplings)]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def demo_saxs(peptide: TwoStatePeptide, occupancies, path, *, q_max: float = 0.5, n_points: int = 100,
-              relative_error: float = 0.01, seed: int = 0) -> Path:
-    """A SAXS profile (q in 1/A, I, sigma) of the two-state mixture, written as a 3-column ``.dat`` file.
-
-    The intensity is observables.saxs's exact Debye model (implicit hydrogens, excluded volume c1 = 1, hydration
-    c2 = 1) of the occupancy-weighted ensemble -- intensities of the states add with their occupancies -- on
-    ``n_points`` q values up to ``q_max``; sigma = ``relative_error`` x I plus 0.1 % of I(0) (a detector floor), and
-    Gaussian noise of that sigma is added."""
-    import jax.numpy as jnp
-
-    from observables.base import AtomInfo
-    from observables.saxs import SaxsObservable, SaxsProfile
-
-    q = np.linspace(0.01, q_max, n_points)
-    dummy = SaxsProfile(q, np.ones_like(q), np.ones_like(q), source="demo q grid")
-    obs = SaxsObservable(AtomInfo.from_layout(peptide.layout), data=dummy, mode="exact", fit_c1_c2=False, c1=1.0,
-                         c2=1.0)
-    states = jnp.asarray(np.stack([peptide.coords_a, peptide.coords_b]), dtype=jnp.float32)
-    intensity = np.asarray(obs.predict(states, jnp.asarray(occupancies, dtype=jnp.float32)), dtype=np.float64)
-    intensity = intensity / intensity[0]  # arbitrary units, I(q_min) = 1
-    sigma = relative_error * intensity + 1e-3
-    rng = np.random.default_rng(seed)
-    noisy = intensity + sigma * rng.normal(size=n_points)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lines = [f"# synthetic SAXS profile of the two-state demo peptide, occupancies {list(occupancies)}; q (1/A), I, sigma"]
-    lines += [f"{a:.6f} {b:.6e} {c:.6e}" for a, b, c in zip(q, noisy, sigma)]
-    path.write_text("\n".join(lines) + "\n")
-    return path

@@ -84,8 +84,10 @@ from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.optimize import linear_sum_assignment
 from scipy.spatial.distance import squareform
 
-# structure.py's gemmi helpers (one place builds models, entities and subchains; one place collects atom sites)
-from guidance.structure import (
+from guidance.structures.geometry import bonded_matrix, covalent_radii
+
+# io.py's gemmi helpers (one place builds models, entities and subchains; one place collects atom sites)
+from guidance.structures.io import (
     Conformers,
     _finish_entities,
     _first_sites,
@@ -96,8 +98,10 @@ from guidance.structure import (
     _pick_models,
     _read_gemmi,
     _residue_runs,
+    as_ensemble,
     atomic_write,
 )
+from guidance.structures.metrics import kabsch
 from predictors.base import AtomLayout
 
 __all__ = [
@@ -111,7 +115,6 @@ __all__ = [
 ]
 
 ALTLOC_IDS = string.ascii_uppercase  # altloc ids given to clusters (A = most occupied unless letters="linked")
-BOND_SLACK = 0.4  # A: two atoms are bonded when closer than the sum of their covalent radii (gemmi) plus this
 _DEFAULT_B = 20.0  # A^2, written when the caller gives no B-factors
 _COUPLING_EPS = 1e-6  # occupancy boundaries closer than this are one boundary (quantile coupling)
 
@@ -171,7 +174,7 @@ class MulticonfModel:
         if len(set(pairs)) != len(pairs):
             raise ValueError("an atom is listed twice under the same altloc id")
         self._starts = np.searchsorted(self.atom, np.arange(len(self.layout) + 1))
-        self._residues = _residue_atoms(self.layout)
+        self._residues = self.layout.residue_atoms()
         self._altlocs: dict | None = None
 
     def records(self, i: int) -> range:
@@ -244,14 +247,6 @@ def _normalised(w: np.ndarray) -> np.ndarray:
     return w / total if total > 0 else np.full(len(w), 1.0 / len(w))
 
 
-def _residue_atoms(layout: AtomLayout) -> dict[ResidueKey, np.ndarray]:
-    """(chain, residue number) -> atom indices, residues in layout order."""
-    groups: dict[ResidueKey, list[int]] = {}
-    for i, key in enumerate(zip(layout.chain_id.tolist(), layout.res_seq.tolist())):
-        groups.setdefault(key, []).append(i)
-    return {k: np.array(v, dtype=np.int64) for k, v in groups.items()}
-
-
 def _rmsd_matrix(x: np.ndarray) -> np.ndarray:
     """Pairwise RMSD [E, E] between members ``x`` [E, n, 3] (no superposition)."""
     e, n = x.shape[:2]
@@ -262,23 +257,6 @@ def _rmsd_matrix(x: np.ndarray) -> np.ndarray:
     d = 0.5 * (d + d.T)
     np.fill_diagonal(d, 0.0)
     return d
-
-
-def _kabsch_onto(mobile: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Rotation R and translation t with ``mobile @ R.T + t`` best superposed on ``target`` (both [n, 3])."""
-    mc, tc = mobile.mean(axis=0), target.mean(axis=0)
-    h = (mobile - mc).T @ (target - tc)
-    u, _, vt = np.linalg.svd(h)
-    s = np.eye(3)
-    s[2, 2] = np.sign(np.linalg.det(vt.T @ u.T)) or 1.0
-    r = vt.T @ s @ u.T
-    return r, tc - mc @ r.T
-
-
-def _bonded(ref: np.ndarray, radii: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """[len(a), len(b)] bool: atoms a_i, b_j bonded in the reference coordinates ``ref`` [N, 3]."""
-    d = np.linalg.norm(ref[a][:, None, :] - ref[b][None, :, :], axis=-1)
-    return d < radii[a][:, None] + radii[b][None, :] + BOND_SLACK
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -408,13 +386,7 @@ def _explicit_segments(segments, residues: list[ResidueKey]) -> list[list[Residu
 
 
 def _check_ensemble(layout: AtomLayout, coords, weights) -> tuple[np.ndarray, np.ndarray]:
-    x = np.asarray(coords, dtype=np.float64)
-    if x.ndim == 2:
-        x = x[None]
-    if x.ndim != 3 or x.shape[1:] != (len(layout), 3):
-        raise ValueError(f"coords has shape {np.shape(coords)}, expected [E, {len(layout)}, 3] for this layout")
-    if not np.all(np.isfinite(x)):
-        raise ValueError("coords contains NaN or infinite coordinates")
+    x = as_ensemble(coords, len(layout), "coords", finite=True, match="the layout")
     w = np.asarray(weights, dtype=np.float64).reshape(-1)
     if w.shape != (len(x),):
         raise ValueError(f"weights has shape {np.shape(weights)}, expected ({len(x)},) for {len(x)} members")
@@ -479,7 +451,7 @@ def ensemble_to_multiconf(
     x, w = x[kept], w_all[kept] / w_all[kept].sum()
     if fit is not None:
         x = _superpose(layout, x, w, fit)
-    by_residue = _residue_atoms(layout)
+    by_residue = layout.residue_atoms()
     residues = list(by_residue)
     args = (x, w, threshold, int(max_altlocs), min_occupancy, center)
 
@@ -555,18 +527,18 @@ def _superpose(layout: AtomLayout, x: np.ndarray, w: np.ndarray, fit) -> np.ndar
     target = x[int(np.argmax(w)), idx]
     out = np.empty_like(x)
     for m in range(len(x)):
-        r, t = _kabsch_onto(x[m, idx], target)
+        r, t = kabsch(x[m, idx], target)
         out[m] = x[m] @ r.T + t
     return out
 
 
 def _link_neighbours(layout, units, owner, x, w, tol) -> dict[int, list[int]]:
     """Atoms of single-conformer neighbour residues that move with a unit's altlocs, per unit index."""
-    by_residue = _residue_atoms(layout)
+    by_residue = layout.residue_atoms()
     residues = list(by_residue)
     position = {k: j for j, k in enumerate(residues)}
     ref = x[int(np.argmax(w))]
-    radii = np.array([gemmi.Element(e.capitalize()).covalent_r for e in layout.element.tolist()])
+    radii = covalent_radii(layout.element)
     claimed: dict[int, int] = {}
     out: dict[int, list[int]] = {}
     for j, u in enumerate(units):
@@ -584,7 +556,7 @@ def _link_neighbours(layout, units, owner, x, w, tol) -> dict[int, list[int]]:
             nb_unit = units[owner[nb_atoms[0]]]
             if len(nb_unit.occupancies) > 1:
                 continue  # both sides have altlocs: letters are per unit (qFit convention)
-            seeds = nb_atoms[_bonded(ref, radii, nb_atoms, by_residue[end]).any(axis=1)]
+            seeds = nb_atoms[bonded_matrix(ref, radii, nb_atoms, by_residue[end]).any(axis=1)]
             shared = np.einsum("e,ena->na", nb_unit.mix[0], x[:, nb_atoms])  # [n, 3]
             mine_pos = np.einsum("ce,ena->cna", u.mix, x[:, nb_atoms])  # [k, n, 3]
             moved = np.linalg.norm(mine_pos - shared[None], axis=-1).max(axis=0) > tol
@@ -596,7 +568,7 @@ def _link_neighbours(layout, units, owner, x, w, tol) -> dict[int, list[int]]:
                     continue
                 claimed[a] = j
                 out.setdefault(j, []).append(a)
-                near = nb_atoms[_bonded(ref, radii, np.array([a]), nb_atoms)[0]]
+                near = nb_atoms[bonded_matrix(ref, radii, np.array([a]), nb_atoms)[0]]
                 for n in near.tolist():
                     if n not in seen:
                         seen.add(n)
@@ -703,7 +675,7 @@ def read_altloc_ensemble(path, *, hydrogens: bool = False, model: int | str | No
 def _pdb_occupancies(model: MulticonfModel) -> np.ndarray:
     """Record occupancies rounded to 0.01 so that each residue's altloc occupancies keep their (rounded) sum."""
     occ = model.occupancy.copy()
-    for idx in _residue_atoms(model.layout).values():
+    for idx in model.layout.residue_atoms().values():
         recs = np.concatenate([np.arange(model._starts[i], model._starts[i + 1]) for i in idx])
         recs = recs[model.altloc[recs] != ""]
         if not len(recs):

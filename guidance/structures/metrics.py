@@ -1,5 +1,5 @@
 """Structural metrics of an ensemble, in numpy: superposition, RMSD, altloc assignment, LDDT, region RMSD, recovery
-of reference states, and covalent geometry / clash reports (restraints from guidance/geometry.py).
+of reference states, and covalent geometry / clash reports (restraints from guidance/structures/geometry.py).
 
 Conventions: coordinates in Angstrom, one structure ``[N, 3]``, an ensemble ``[E, N, 3]``.  A rigid motion
 ``(R, t)`` acts on row-vector coordinates as ``x @ R.T + t``.
@@ -11,9 +11,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
 from scipy.spatial import cKDTree
 
-from guidance.geometry import (
+from guidance.sampler import proper_rotation
+
+from guidance.structures.geometry import (
     CLASH_DISTANCE,
     backbone_table,
     build_restraints,
@@ -22,6 +25,7 @@ from guidance.geometry import (
     rmsz,
     z_scores,
 )
+from guidance.structures.io import as_ensemble
 
 # --------------------------------------------------------------------------------------------------------------------
 # Superposition and RMSD
@@ -66,9 +70,7 @@ def kabsch(mobile, target, weights=None) -> tuple[np.ndarray, np.ndarray]:
     mu_m = w @ mobile
     mu_t = w @ target
     cov = (mobile - mu_m).T @ ((target - mu_t) * w[:, None])  # [3, 3], sum_i w_i m_i t_i^T
-    u, _, vt = np.linalg.svd(cov)
-    d = np.sign(np.linalg.det(vt.T @ u.T)) or 1.0
-    rot = vt.T @ np.diag([1.0, 1.0, d]) @ u.T
+    rot = proper_rotation(torch.from_numpy(cov[None]))[0].numpy().T  # the sampler's Kabsch step, as R @ x
     return rot, mu_t - rot @ mu_m
 
 
@@ -114,7 +116,7 @@ def symmetric_swaps(layout) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per residue with interchangeable atoms (``SYMMETRIC_ATOMS``), the index arrays (a, b) of the atoms to exchange
     together; residues missing one of them are left out."""
     index = layout.index()
-    residue_name = dict(zip(zip(layout.chain_id.tolist(), layout.res_seq.tolist()), layout.res_name.tolist()))
+    residue_name = dict(zip(layout.residue_keys(), layout.res_name.tolist()))
     swaps = []
     for (chain, seq), res_name in residue_name.items():
         pairs = SYMMETRIC_ATOMS.get(res_name, ())
@@ -168,13 +170,9 @@ def altloc_assignment(
     atoms outside the region), so a rigid motion of a member does not change its assignment.  ``swaps`` (from
     :func:`symmetric_swaps`) compares symmetric side-chain atoms under their better naming.
     """
-    members = np.asarray(members, dtype=np.float64)
-    references = np.asarray(references, dtype=np.float64)
-    if members.ndim != 3 or members.shape[-1] != 3:
-        raise ValueError(f"members must have shape [E, N, 3]; got {members.shape}")
+    members = as_ensemble(members, name="members", single=False)
     n_members, n_atoms = members.shape[:2]
-    if references.ndim != 3 or references.shape[1:] != (n_atoms, 3):
-        raise ValueError(f"references must have shape [K, {n_atoms}, 3] to match the members; got {references.shape}")
+    references = as_ensemble(references, n_atoms, "references", single=False, members="K", match="the members")
     ref_ids = [str(r) for r in ref_ids]
     if len(ref_ids) != len(references):
         raise ValueError(f"{len(ref_ids)} reference ids for {len(references)} references")
@@ -223,7 +221,7 @@ def lddt(model, reference, mask=None, inclusion_radius: float = 15.0, thresholds
 
     Mariani, Biasini, Barbato & Schwede (2013) Bioinformatics 29:2722.  The pairs scored are the atom pairs (i < j,
     both in ``mask``) whose distance in the *reference* is below ``inclusion_radius`` (A), excluding pairs of atoms of
-    the same residue when ``residue_ids`` ([N] labels, e.g. from :func:`guidance.geometry.residue_index`) is given.
+    the same residue when ``residue_ids`` ([N] labels, e.g. from :func:`guidance.structures.geometry.residue_index`) is given.
     A pair's distance is preserved at threshold t when |d_model - d_reference| < t; the score is the fraction of
     preserved pairs averaged over ``thresholds`` (the global, pair-pooled score).  Not included: the original's
     stereochemistry check and its renaming of symmetric side-chain atoms (e.g. Asp OD1/OD2) to the better match.
@@ -291,20 +289,18 @@ def recovery(best_rmsd: dict, threshold: float = 1.0) -> dict[str, Any]:
 
 # Ideal backbone geometry, Engh & Huber (1991) Acta Cryst. A47, 392-400, means and standard deviations (A, degrees),
 # for "default" (non-Gly, non-Pro), "GLY" and "PRO" residues: the backbone rows of the full table
-# guidance/data/engh_huber_1991.csv (which names where each number was read).  C-N, CA-C-N and C-N-CA are the
+# guidance/structures/data/engh_huber_1991.csv (which names where each number was read).  C-N, CA-C-N and C-N-CA are the
 # peptide bond to the next residue of the same kind; PRO has only N-CA, CA-C, N-CA-C and C-N (to its own N).
-# guidance/demo.py builds ideal peptides from it.
+# guidance/fixtures.py builds ideal peptides from it.
 ENGH_HUBER_1991 = backbone_table()
 
 
 def _backbone_index(layout) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per residue with N, CA and C: atom indices [R, 3], chain ids, residue numbers."""
     index: dict[tuple[str, int], dict[str, int]] = {}
-    for i, (chain, seq, aname) in enumerate(
-        zip(layout.chain_id.tolist(), layout.res_seq.tolist(), layout.atom_name.tolist())
-    ):
+    for i, (key, aname) in enumerate(zip(layout.residue_keys(), layout.atom_name.tolist())):
         if aname in ("N", "CA", "C"):
-            index.setdefault((chain, seq), {})[aname] = i
+            index.setdefault(key, {})[aname] = i
     keys = [k for k, v in index.items() if len(v) == 3]
     atoms = np.array([[index[k]["N"], index[k]["CA"], index[k]["C"]] for k in keys], dtype=np.int64).reshape(-1, 3)
     return atoms, np.array([k[0] for k in keys]), np.array([k[1] for k in keys])
@@ -314,22 +310,18 @@ def geometry_report(layout, coords, reference=None) -> dict[str, Any]:
     """Covalent geometry and clash statistics of an ensemble ``[E, N, 3]`` laid out as ``layout`` (AtomLayout-like).
 
     ``bond_rmsz`` / ``angle_rmsz``: RMSZ of every bond length and bond angle with an Engh & Huber (1991) template
-    (heavy atoms of the 20 amino acids, the peptide bond and a C-terminal OXT; guidance/geometry.py), pooled over
+    (heavy atoms of the 20 amino acids, the peptide bond and a C-terminal OXT; guidance/structures/geometry.py), pooled over
     all members; ``n_bonds`` / ``n_angles`` count them per member, ``bond_outliers`` / ``angle_outliers`` are the
     member-mean counts with |z| > 4.  The backbone-only values are kept under ``rmsz_n_ca``, ``rmsz_ca_c``,
     ``rmsz_c_n`` (peptide bond) and ``rmsz_n_ca_c``.
     ``clashes_per_1000_atoms``: member-mean number of clashing heavy-atom pairs (closer than ``CLASH_DISTANCE``
-    and more than three bonds apart; rule in guidance/geometry.py) per 1000 heavy atoms.  ``reference`` ([N, 3] or
+    and more than three bonds apart; rule in guidance/structures/geometry.py) per 1000 heavy atoms.  ``reference`` ([N, 3] or
     [E, N, 3]) is used to find covalent bonds of ligands and modified residues so they are not counted as clashes;
     by default they are read from ``coords`` (a bond must hold in every member).
     ``min_ca_ca``: the smallest CA-CA distance of consecutive residues (same chain, numbers differing by one) in any
     member.  Values that cannot be computed are None.  ``per_member`` has the same statistics for each member.
     """
-    coords = np.asarray(coords, dtype=np.float64)
-    if coords.ndim == 2:
-        coords = coords[None]
-    if coords.ndim != 3 or coords.shape[1:] != (len(layout), 3):
-        raise ValueError(f"coords must have shape [E, {len(layout)}, 3] to match the layout; got {coords.shape}")
+    coords = as_ensemble(coords, len(layout), match="the layout")
     n_members = len(coords)
     restraints = build_restraints(layout, coords if reference is None else reference)
     zb, za = z_scores(restraints, coords)

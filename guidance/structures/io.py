@@ -45,6 +45,7 @@ __all__ = [
     "match_layouts",
     "select_atoms",
     "altloc_regions",
+    "as_ensemble",
     "MEMBER_CATEGORY",
     "METADATA_CATEGORY",
 ]
@@ -492,14 +493,29 @@ def read_fixed_atoms(path, exclude=(), *, hydrogens: bool = False, model: int | 
 # writing
 
 
-def _check_coords(layout: AtomLayout, coords, name: str) -> np.ndarray:
+def as_ensemble(coords, n_atoms: int | None = None, name: str = "coords", *, single: bool = True,
+                finite: bool = False, members: str = "E", match: str | None = None) -> np.ndarray:
+    """``coords`` as a float64 ensemble ``[E, N, 3]``: the project's one check of ensemble coordinates.
+
+    ``n_atoms``: the N required (None: any).  ``single``: a single structure ``[N, 3]`` is read as one member.
+    ``finite``: refuse NaN and infinite coordinates.  ``members`` names the leading axis in the message ("E",
+    "K" for conformers) and ``match`` what N must match ("the layout").  Raises ``ValueError`` naming ``name``, its
+    shape and the shape expected."""
     x = np.asarray(coords, dtype=np.float64)
-    if x.ndim == 2:
+    if single and x.ndim == 2:
         x = x[None]
-    if x.ndim != 3 or x.shape[1:] != (len(layout), 3):
-        raise ValueError(f"{name} has shape {np.shape(coords)}, expected [K, {len(layout)}, 3] for this layout")
-    if not np.all(np.isfinite(x)):
+    if x.ndim != 3 or x.shape[-1] != 3 or (n_atoms is not None and x.shape[1] != n_atoms):
+        n = "N" if n_atoms is None else str(n_atoms)
+        alternative = f" or [{n}, 3]" if single else ""
+        target = f" to match {match}" if match else ""
+        raise ValueError(f"{name} has shape {np.shape(coords)}, expected [{members}, {n}, 3]{alternative}{target}")
+    if finite and not np.all(np.isfinite(x)):
         raise ValueError(f"{name} contains NaN or infinite coordinates")
+    return x
+
+
+def _check_coords(layout: AtomLayout, coords, name: str) -> np.ndarray:
+    x = as_ensemble(coords, len(layout), name, finite=True, members="K", match="the layout")
     return np.round(x, 4)  # 1e-4 A: drops float32 noise from the text; PDB keeps 1e-3 anyway
 
 
@@ -513,15 +529,15 @@ def _check_b(layout: AtomLayout, b_factors) -> np.ndarray:
 
 
 def _residue_runs(layout: AtomLayout) -> list[tuple[str, int, str, list[int]]]:
-    """Consecutive atoms of one (chain, residue) -> (chain, res_seq, res_name, atom indices)."""
-    runs: list = []
-    chain, seq = layout.chain_id, layout.res_seq
-    for i in range(len(layout)):
-        if runs and runs[-1][0] == chain[i] and runs[-1][1] == seq[i]:
-            runs[-1][3].append(i)
-        else:
-            runs.append((str(chain[i]), int(seq[i]), str(layout.res_name[i]), [i]))
-    return runs
+    """Consecutive atoms of one (chain, residue) -> (chain, res_seq, res_name, atom indices), in layout order (a
+    residue whose atoms are not contiguous gives several runs)."""
+    residue = layout.residue_index()
+    n = len(residue)
+    start = np.ones(n, dtype=bool)
+    start[1:] = residue[1:] != residue[:-1]
+    bounds = np.append(np.flatnonzero(start), n).tolist()
+    return [(str(layout.chain_id[a]), int(layout.res_seq[a]), str(layout.res_name[a]), list(range(a, b)))
+            for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 @functools.lru_cache(maxsize=None)
@@ -788,9 +804,7 @@ def altloc_regions(conf: Conformers, min_span: int = 1) -> list[tuple[str, int, 
     Returns ``(chain, first residue, last residue)`` for each run of at least ``min_span`` residues, in layout order.
     """
     layout = conf.layout
-    flagged = dict.fromkeys(
-        (c, r) for c, r, v in zip(layout.chain_id.tolist(), layout.res_seq.tolist(), conf.varying.tolist()) if v
-    )
+    flagged = dict.fromkeys(key for key, v in zip(layout.residue_keys(), conf.varying.tolist()) if v)
     regions: list[list] = []
     for c, r in layout.residues():
         if (c, r) not in flagged:

@@ -1,0 +1,3 @@
+from guidance.app.job import main
+
+main()
