@@ -38,3 +38,12 @@ def require_file(path: str | Path, what: str = "file", option: str | None = None
         state = "is a directory" if p.is_dir() else "not found"
         raise InputFileNotFound(f"{what} {p}: {state}{hint}")
     return p
+
+
+def unknown_option(exc: TypeError) -> str | None:
+    """The keyword a ``TypeError`` from calling a factory or builder with ``**options`` says it does not take
+    ("... got an unexpected keyword argument 'qmax'" -> "qmax"), or None for any other TypeError (a bug)."""
+    text = str(exc)
+    if "unexpected keyword argument" not in text:
+        return None
+    return text.split("unexpected keyword argument")[-1].strip(" '\"")

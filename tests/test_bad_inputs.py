@@ -207,6 +207,8 @@ CASES = [
      ["nuclei"]),
     ("conformer-unknown", {}, ["predictor.conformers=[Z]"], ["Z"]),
     ("observable-option-unknown", {}, ["mode=score", "observables=[saxs]", "+observables.saxs.qmax=0.3"], ["qmax"]),
+    ("predictor-option-unknown", {}, ["+predictor.temperature=2"], ["predictor.temperature", "--cfg job"]),
+    ("predictor-unknown", {}, ["predictor.name=alphafold9"], ["alphafold9", "reference"]),
 ]
 
 

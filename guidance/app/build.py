@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import OmegaConf
 
-from observables.errors import InputError
+from observables.errors import InputError, unknown_option
 
 log = logging.getLogger("ensemble_guide")
 
@@ -148,9 +148,9 @@ def build_objective(cfg, layout, ref_coords, demo_data: dict[str, Path] | None =
         except OSError as exc:  # unreadable file (permissions, a directory, ...)
             raise UserError(f"observables.{name}: {exc}") from exc
         except TypeError as exc:  # an option the observable does not take
-            if "unexpected keyword argument" not in str(exc):
+            option = unknown_option(exc)
+            if option is None:
                 raise
-            option = str(exc).split("unexpected keyword argument")[-1].strip(" '\"")
             raise UserError(f"observables.{name}.{option} is not an option of the {name} observable; its options "
                             f"are in `ensemble-guide --cfg job observables=[{name}]`") from exc
         terms.append(Term(name, obs, weight))

@@ -19,7 +19,7 @@ from typing import Callable
 
 import numpy as np
 
-from observables.errors import InputError
+from observables.errors import InputError, unknown_option
 
 log = logging.getLogger("ensemble_guide")
 
@@ -54,9 +54,9 @@ def build(name: str, structure, run: RunContext, options: dict):
     try:
         return builders[name](structure, run, **options)
     except TypeError as exc:  # an option the builder does not take
-        if "unexpected keyword argument" not in str(exc):
+        option = unknown_option(exc)
+        if option is None:
             raise
-        option = str(exc).split("unexpected keyword argument")[-1].strip(" '\"")
         raise PredictorError(f"predictor.{option} is not an option of predictor {name}; its options are in "
                              f"`ensemble-guide --cfg job predictor={name}`") from exc
 
