@@ -396,3 +396,40 @@ def test_gnnafns_with_three_occupancy_patterns_becomes_three_members(shared_data
     # ASN 3 and ASN 6 are A/B 0.6/0.4, PHE 5 is 0.5/0.5: members AAA 0.5, (A, B, A) 0.1, BBB 0.4
     assert ensemble.ids == ["A", "A+B", "B"]
     np.testing.assert_allclose(ensemble.weights, [0.5, 0.1, 0.4], atol=1e-6)
+
+
+def test_a_written_model_keeps_the_inputs_crystal_waters_and_ligands(shared_data, tmp_path):
+    """1dur (deposited: 93 waters; its two Fe4S4 clusters are modelled atoms of the layout, as read_structure keeps
+    ligands): the model written from its own conformers, with the input as ``fixed_from``, has the file's cell and
+    space group, every water (same atoms and B) and the input's per-atom B; gemmi reads it without a warning, as
+    PDB and as mmCIF."""
+    import warnings
+
+    import gemmi
+
+    from guidance.structures.io import read_structure
+
+    path = shared_data("xray/1dur/1dur.pdb")
+    conf = read_structure(path)
+    model = ensemble_to_multiconf(conf.layout, conf.coords, conf.weights, b_factors=conf.b_iso[0])
+    source = gemmi.read_structure(str(path))
+
+    def extra(st):  # the residues the layout lacks: (chain, name, number) -> [(atom, B)]
+        keys = set(conf.layout.keys())
+        return {(c.name, r.name, r.seqid.num): [(a.name, round(a.b_iso, 2)) for a in r]
+                for c in st[0] for r in c if not any((c.name, r.seqid.num, a.name) in keys for a in r)}
+
+    want = extra(source)
+    assert sum(k[1] == "HOH" for k in want) == 93 and len(want) == 93
+    assert sum(r.name == "SF4" for c in source[0] for r in c) == 2
+    for name in ("m.pdb", "m.cif"):
+        out = write_multiconf(tmp_path / name, model, crystal=conf.crystal, fixed_from=path)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            st = gemmi.read_structure(str(out))
+        assert not caught, [str(w.message) for w in caught]
+        assert st.cell.parameters == pytest.approx(source.cell.parameters) and st.find_spacegroup().xhm() == "P 21 21 21"
+        assert extra(st) == want, name
+        back = read_structure(out)
+        np.testing.assert_allclose(back.b_iso[0], conf.b_iso[0], atol=0.01)
+        assert back.crystal is not None and back.crystal[1] == conf.crystal[1]

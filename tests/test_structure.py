@@ -183,6 +183,12 @@ def test_ensemble_written_as_multimodel_mmcif_reads_back_with_coordinates_and_we
     assert len(polymer) == 1 and list(polymer[0].full_sequence) == ["ALA", "SER", "ALA"]
     # written atomically: nothing but the file is left in the folder
     assert [p.name for p in path.parent.iterdir()] == ["ensemble.cif"]
+    # the input's crystal and per-atom B are kept when given
+    b = np.linspace(8.0, 60.0, len(layout))
+    kept = read_structure(write_ensemble_cif(tmp_path / "c.cif", layout, coords, weights, b_factors=b,
+                                             crystal=((30.52, 37.75, 39.37, 90.0, 90.0, 90.0), "P 21 21 21")))
+    assert kept.crystal[1] == "P 21 21 21" and kept.crystal[0] == pytest.approx((30.52, 37.75, 39.37, 90, 90, 90))
+    np.testing.assert_allclose(kept.b_iso, np.broadcast_to(b, kept.b_iso.shape), atol=0.01)
 
 
 def test_multimodel_file_without_recorded_weights_gets_uniform_weights(tmp_path):

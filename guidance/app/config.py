@@ -101,6 +101,15 @@ def sampler_node() -> dict:
             "align": "auto", **schedule}
 
 
+def multiconformer_node() -> dict:
+    """``multiconformer``: how the weighted ensemble becomes multiconformer.pdb/.cif (``write``, then
+    guidance.structures.multiconf.ensemble_to_multiconf's own options)."""
+    from guidance.structures.multiconf import ensemble_to_multiconf
+
+    return {"write": True, **signature_defaults(ensemble_to_multiconf, skip=3,
+                                                exclude=("segments", "fit", "b_factors"))}
+
+
 def observable_node(name: str, factory: Callable) -> dict:
     """``observables.<name>``: ``weight`` (of the term in the total log-likelihood) and the factory's options."""
     return {name: {"weight": 1.0, **signature_defaults(factory, skip=1)}}
@@ -120,6 +129,7 @@ def register_configs() -> None:
     for name, node in guidance_nodes().items():
         cs.store(group="guidance", name=name, node=node)
     cs.store(group="weights", name="default", node=weights_node())
+    cs.store(group="multiconformer", name="default", node=multiconformer_node())
     for name in observables.available():
         cs.store(group="observables", name=name, node=observable_node(name, observables.factory(name)))
     for name, builder in predictor_registry.available().items():

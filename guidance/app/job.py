@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from omegaconf import OmegaConf
 
 from guidance.app import outputs
 from guidance.app.build import (
@@ -144,8 +145,8 @@ def sample(cfg, conf, demo_data, truth, out_dir: Path) -> dict:
     except InputError as exc:
         raise UserError(str(exc)) from exc
     prior_conformers = list(cfg.predictor.get("conformers") or []) if cfg.predictor.name == "reference" else []
-    terms = build_objective(cfg, predictor.layout, ref_coords, demo_data,
-                            structure_atoms(conf, predictor.layout, match, prior_conformers))
+    extras = structure_atoms(conf, predictor.layout, match, prior_conformers)
+    terms = build_objective(cfg, predictor.layout, ref_coords, demo_data, extras)
 
     scfg, gcfg = cfg.sampler, cfg.guidance
     schedule = schedule_of(predictor, scfg)
@@ -225,8 +226,14 @@ def sample(cfg, conf, demo_data, truth, out_dir: Path) -> dict:
     if truth is not None:
         metrics["reference"] = _reference(cfg, predictor.layout, members, mweights, truth)
 
-    outputs.write_ensemble(out_dir, predictor.layout, members, mweights,
+    b_factors = extras.get("b_iso")  # the input's per-atom B on the predictor's atoms (None: the file has none)
+    outputs.write_ensemble(out_dir, predictor.layout, members, mweights, b_factors=b_factors, crystal=conf.crystal,
                            metadata={"guidance": gcfg.method, "seed": int(cfg.seed)})
+    mcfg = dict(OmegaConf.to_container(cfg.multiconformer, resolve=True))
+    if mcfg.pop("write"):
+        metrics["multiconformer"] = outputs.write_multiconformer(
+            out_dir, predictor.layout, members, mweights, mcfg, b_factors=b_factors, crystal=conf.crystal,
+            fixed_from=conf.path)
     if cfg.output.particles:
         outputs.write_particles(out_dir, particles, pw)
     if cfg.output.plots:

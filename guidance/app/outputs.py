@@ -5,6 +5,9 @@ write the same job directory):
     metrics.json      observables / ensemble / geometry / reference / sampling / structure / runtime_s / config
     trajectory.csv    step, sigma, log-likelihood per observable, ESS/P; rewritten every 10 steps (sample mode)
     particles.npz     every FK particle and its weight (output.particles)                      (sample mode)
+    multiconformer.pdb / .cif   the weighted ensemble as one model with altlocs A, B, ... (occupancies from the member
+                      weights, members within ``multiconformer.threshold`` A of each other merged), per-atom B, the
+                      input's cell, space group, waters, ligands and ions                                 (sample mode)
     plots/*.png       log-likelihood and ESS vs step, member weights, and each observable's own plots (output.plots)
     run.log           the log; Hydra's saved config is in .hydra/
 
@@ -109,10 +112,29 @@ def log_summary(metrics: dict, out_dir: Path) -> None:
 # ----------------------------------------------------------------------------------------------- sample mode
 
 
-def write_ensemble(out_dir: Path, layout, members: np.ndarray, weights: np.ndarray, metadata: dict) -> Path:
+def write_ensemble(out_dir: Path, layout, members: np.ndarray, weights: np.ndarray, metadata: dict, *,
+                   b_factors=None, crystal=None) -> Path:
     from guidance.structures.io import write_ensemble_cif
 
-    return write_ensemble_cif(out_dir / "ensemble.cif", layout, members, weights, metadata=metadata)
+    return write_ensemble_cif(out_dir / "ensemble.cif", layout, members, weights, metadata=metadata,
+                              b_factors=b_factors, crystal=crystal)
+
+
+def write_multiconformer(out_dir: Path, layout, members: np.ndarray, weights: np.ndarray, options: dict, *,
+                         b_factors=None, crystal=None, fixed_from=None) -> dict:
+    """multiconformer.pdb and multiconformer.cif (guidance.structures.multiconf.ensemble_to_multiconf with
+    ``options``); returns what metrics.json says of them."""
+    from guidance.structures.multiconf import ensemble_to_multiconf, write_multiconf
+
+    model = ensemble_to_multiconf(layout, members, weights, b_factors=b_factors, **options)
+    files = [write_multiconf(out_dir / f"multiconformer.{ext}", model, crystal=crystal, fixed_from=fixed_from)
+             for ext in ("pdb", "cif")]
+    per_residue = model.altlocs()
+    split = {k: v for k, v in per_residue.items() if len(v) > 1}
+    return {"files": [f.name for f in files], "residues": len(per_residue), "residues_with_altlocs": len(split),
+            "max_altlocs": max([1, *(len(v) for v in per_residue.values())]),
+            "altlocs": {f"{c}{r}": {a: round(float(o), 4) for a, o in v.items()} for (c, r), v in split.items()},
+            "options": options}
 
 
 def write_particles(out_dir: Path, particles: np.ndarray, weights: np.ndarray) -> Path:

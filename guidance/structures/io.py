@@ -598,6 +598,39 @@ def _finish_entities(st: gemmi.Structure) -> None:
     st.assign_label_seq_id()
 
 
+def dress(st: gemmi.Structure, *, crystal: tuple | None = None, fixed_from=None, exclude=()) -> gemmi.Structure:
+    """What a written model keeps of its input: the ``crystal`` (cell parameters, space-group name) and, from the
+    first model of the structure file ``fixed_from``, every residue none of whose atoms (chain, residue number, atom
+    name) is in ``exclude`` (the layout's atoms): waters, ligands, ions, as the file has them (altlocs, B,
+    occupancies, HETATM).  Added to every model of ``st``; entities and subchains are set up again."""
+    if crystal is not None:
+        st.cell = gemmi.UnitCell(*[float(v) for v in crystal[0]])
+        st.spacegroup_hm = gemmi.find_spacegroup_by_name(str(crystal[1])).hm
+    if fixed_from is None:
+        return st
+    skip = set(exclude)
+    source, _ = _read_gemmi(Path(fixed_from))
+    carried = [(chain.name, res) for chain in source[0] for res in chain
+               if not any((chain.name, res.seqid.num, a.name) in skip for a in res)]
+    if not carried:
+        return st
+    for model in st:
+        for chain_name, res in carried:
+            chain = next((c for c in model if c.name == chain_name), None)
+            if chain is None:
+                model.add_chain(gemmi.Chain(chain_name))
+                chain = model[len(model) - 1]
+            chain.add_residue(res)
+    for model in st:
+        for chain in model:
+            for res in chain:
+                res.subchain = ""
+    st.assign_subchains(force=True)
+    st.entities.clear()
+    _finish_entities(st)
+    return st
+
+
 def _asym_name(n: int) -> str:
     letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
     name = ""
@@ -639,13 +672,15 @@ def write_ensemble_cif(
     b_factors=None,
     title: str = "ensemble-guide",
     metadata: dict | None = None,
+    crystal: tuple | None = None,
 ) -> Path:
     """Write an ensemble ``[E, N, 3]`` as a multi-model mmCIF (models 1..E) and return the path.
 
     Member weights go into the custom loop ``_ensemble_guide_member.model_id / .weight`` (read back by
     :func:`read_structure`); the occupancy column stays 1.0 because every model is a complete structure on its own.
     ``metadata`` goes into ``_ensemble_guide_metadata.key / .value`` (non-string values JSON-encoded).  B-factors
-    default to 20 A^2.  Written atomically; ``.gz`` suffix gzips.
+    default to 20 A^2; ``crystal`` (cell parameters, space-group name: the input's) is kept.  Written atomically;
+    ``.gz`` suffix gzips.
     """
     x = _check_coords(layout, coords, "coords")
     w = np.asarray(weights, dtype=np.float64).reshape(-1)
@@ -667,6 +702,7 @@ def write_ensemble_cif(
         one_atom = lambda i: (_make_atom(names[i], elements[i], xe[i], 1.0, b[i]),)  # noqa: E731
         st.add_model(_make_model(str(e + 1), layout, runs, one_atom))
     _finish_entities(st)
+    dress(st, crystal=crystal)
     doc = st.make_mmcif_document()
     block = doc.sole_block()
     block.set_mmcif_category(MEMBER_CATEGORY, {

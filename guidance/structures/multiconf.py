@@ -100,6 +100,7 @@ from guidance.structures.io import (
     _residue_runs,
     as_ensemble,
     atomic_write,
+    dress,
 )
 from guidance.structures.metrics import kabsch
 from predictors.base import AtomLayout
@@ -693,19 +694,22 @@ def _pdb_occupancies(model: MulticonfModel) -> np.ndarray:
     return occ
 
 
-def write_multiconf(path, model: MulticonfModel) -> Path:
+def write_multiconf(path, model: MulticonfModel, *, crystal: tuple | None = None, fixed_from=None) -> Path:
     """Write a multiconformer model as PDB, or mmCIF when the suffix is .cif/.mmcif (.gz gzips); atomic.
 
     PDB keeps coordinates to 1e-3 A and occupancies to 0.01 (rounded per residue so that they keep their sum);
-    mmCIF keeps both as they are.
+    mmCIF keeps both as they are.  ``crystal`` (cell parameters, space-group name) and the residues of the structure
+    file ``fixed_from`` that the model's layout lacks (waters, ligands, ions) are carried over (io.dress).
     """
     path = Path(path)
+    exclude = model.layout.keys()
     if _is_cif_name(path):
-        text = model.to_gemmi().make_mmcif_document().as_string()
+        st = dress(model.to_gemmi(), crystal=crystal, fixed_from=fixed_from, exclude=exclude)
+        text = st.make_mmcif_document().as_string()
     else:
         rounded = MulticonfModel(model.layout, model.atom, model.altloc, model.coords, _pdb_occupancies(model),
                                  model.b_factor)
-        st = rounded.to_gemmi()
+        st = dress(rounded.to_gemmi(), crystal=crystal, fixed_from=fixed_from, exclude=exclude)
         st.assign_serial_numbers()
         text = st.make_pdb_string()
     return atomic_write(path, text)
