@@ -174,9 +174,6 @@ class FKState:
     skipped_guidance_steps: int = 0
 
 
-SMCState = FKState  # the name used before the init / step / finish split
-
-
 @dataclass
 class SteerResult:
     particles: torch.Tensor  # [P, E, N, 3]

@@ -19,7 +19,8 @@ class UserError(InputError):
     """A problem with the user's input, reported as one line."""
 
 
-def _container(node) -> dict:
+def container(node) -> dict:
+    """A config node as plain Python (resolved); {} for None."""
     return OmegaConf.to_container(node, resolve=True) if node is not None else {}
 
 
@@ -39,7 +40,7 @@ def prepare_demo(cfg, out_dir: Path) -> tuple[Path, dict[str, Path]]:
     structure = write_two_state_structure(inputs / "two_state.pdb", pep, occupancies=tuple(occ))
     atoms = AtomInfo.from_layout(pep.layout)
     states = np.stack([pep.coords_a, pep.coords_b])
-    demo = {k: v for k, v in _container(cfg.demo).items() if k not in ("occupancies", "prior_weights")}
+    demo = {k: v for k, v in container(cfg.demo).items() if k not in ("occupancies", "prior_weights")}
     data: dict[str, Path] = {}
     for name in list(cfg.observables or []):
         make = getattr(observables.factory(name), "synthetic_data", None)
@@ -58,7 +59,7 @@ def build_predictor(cfg, conf):
     structure ``conf`` with the other ``predictor.*`` keys as its options."""
     from guidance.app.predictors import RunContext, build
 
-    options = _container(cfg.predictor)
+    options = container(cfg.predictor)
     name = options.pop("name")
     run = RunContext(seed=int(cfg.seed), steps=int(cfg.sampler.steps), observables=tuple(cfg.observables or ()))
     return build(name, conf, run, options)
@@ -132,7 +133,7 @@ def build_objective(cfg, layout, ref_coords, demo_data: dict[str, Path] | None =
     atoms = AtomInfo.from_layout(layout, coords=ref_coords, **(extras or {}))
     terms = []
     for name in cfg.observables or {}:
-        params = _container(cfg.observables[name])
+        params = container(cfg.observables[name])
         weight = float(params.pop("weight", 1.0))
         factory = observables.factory(name)
         key = getattr(factory, "data_key", "data")
@@ -174,7 +175,7 @@ def build_potentials(cfg, predictor) -> list:
 
     out = []
     for name in cfg.get("potentials") or {}:
-        params = _container(cfg.potentials[name])
+        params = container(cfg.potentials[name])
         weight = float(params.pop("weight", 1.0))
         energy_and_grad, description = build(name, predictor, params)
         out.append(PotentialTerm(name, energy_and_grad, weight))
@@ -220,11 +221,11 @@ def guidance_of(gcfg):
     dps = fk = None
     try:
         if method in ("dps", "fk") and gcfg.get("dps") is not None and float(gcfg.dps.strength) > 0:
-            d = _container(gcfg.dps)
+            d = container(gcfg.dps)
             strength = Strength(float(d.pop("strength")), d.pop("schedule"), float(d.pop("start")), float(d.pop("end")))
             dps = DPS(strength=strength, **d)
         if method == "fk":
-            fk = FK(particles=int(gcfg.particles), **_container(gcfg.fk))
+            fk = FK(particles=int(gcfg.particles), **container(gcfg.fk))
     except (ValueError, TypeError) as exc:
         raise UserError(f"guidance: {exc}") from exc
     return dps, fk

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-from omegaconf import OmegaConf
 
 from guidance.app import outputs
 from guidance.app.build import (
@@ -25,6 +24,7 @@ from guidance.app.build import (
     build_objective,
     build_potentials,
     build_predictor,
+    container,
     guidance_of,
     prepare_demo,
     sampling_of,
@@ -39,10 +39,6 @@ log = logging.getLogger("ensemble_guide")
 __all__ = ["UserError", "config_dir", "main", "run", "sample", "score"]
 
 register_configs()  # the ConfigStore nodes (guidance, weights, observables, predictors, potentials) before any compose
-
-
-def _config_dir() -> str:  # the name tests and scripts have used
-    return config_dir()
 
 
 # ----------------------------------------------------------------------------------------------- the two modes
@@ -140,10 +136,7 @@ def sample(cfg, conf, demo_data, truth, out_dir: Path) -> dict:
     known[match.dst_index] = True
     ref_coords = np.zeros((len(conf.ids), len(predictor.layout), 3), np.float32)
     ref_coords[:, match.dst_index] = conf.coords[:, match.src_index]
-    try:
-        ref_coords = fill_missing(predictor.layout, ref_coords, known)
-    except InputError as exc:
-        raise UserError(str(exc)) from exc
+    ref_coords = fill_missing(predictor.layout, ref_coords, known)  # an InputError when no atom is shared
     prior_conformers = list(cfg.predictor.get("conformers") or []) if cfg.predictor.name == "reference" else []
     extras = structure_atoms(conf, predictor.layout, match, prior_conformers)
     terms = build_objective(cfg, predictor.layout, ref_coords, demo_data, extras)
@@ -229,7 +222,7 @@ def sample(cfg, conf, demo_data, truth, out_dir: Path) -> dict:
     b_factors = extras.get("b_iso")  # the input's per-atom B on the predictor's atoms (None: the file has none)
     outputs.write_ensemble(out_dir, predictor.layout, members, mweights, b_factors=b_factors, crystal=conf.crystal,
                            metadata={"guidance": gcfg.method, "seed": int(cfg.seed)})
-    mcfg = dict(OmegaConf.to_container(cfg.multiconformer, resolve=True))
+    mcfg = container(cfg.multiconformer)
     if mcfg.pop("write"):
         metrics["multiconformer"] = outputs.write_multiconformer(
             out_dir, predictor.layout, members, mweights, mcfg, b_factors=b_factors, crystal=conf.crystal,

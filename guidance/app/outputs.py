@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from guidance.structures.io import atomic_write
+from observables.errors import InputError
 
 log = logging.getLogger("ensemble_guide")
 
@@ -93,7 +94,7 @@ def headline(metrics: dict) -> dict:
     for name, rep in metrics.get("observables", {}).items():
         try:
             keys = tuple(getattr(observables.factory(name), "headline", ()))
-        except Exception:  # an observable registered only in-process and gone: show nothing for it
+        except InputError:  # a name no longer registered (an in-process plugin of another process): nothing shown
             keys = ()
         out[name] = {k: round(v, 4) if isinstance(v, float) else v for k, v in rep.items() if k in keys}
     return out
