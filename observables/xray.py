@@ -61,7 +61,7 @@ from observables.form_factors import normalise_element
 from observables.reflections import ReflectionError, Reflections, read_reflections
 from observables.sfcalc import StructureFactorModel, b_range, displacements, miller_stol2, symmetry_ops
 
-__all__ = ["MASK_PROBE", "MASK_SHRINK", "XrayObservable", "XrayState", "atoms_structure", "bulk_solvent_mask",
+__all__ = ["MASK_PROBE", "MASK_SHRINK", "XrayAtoms", "XrayObservable", "XrayState", "atoms_structure", "bulk_solvent_mask",
            "r_factor"]
 
 log = logging.getLogger(__name__)
@@ -459,6 +459,8 @@ class XrayObservable:
             return -0.5 * jnp.sum(jnp.where(work, r2, 0.0))
 
         self._f_calc = jax.jit(f_calc)
+        self._target = target_value
+        self._rate = float(rate)
         self._f_model_abs = jax.jit(f_model_abs)
         self._ll = jax.jit(lambda state, coords, weights: target_value(state, f_calc(coords, weights)))
         def weighted(preds, weights):  # real and imaginary parts apart: the weights' gradient stays real
@@ -491,11 +493,9 @@ class XrayObservable:
         return np.asarray(model(env.xyz, env.occupancy, b, u))
 
     # -- fitting ------------------------------------------------------------------------------------------------------
-    def _mask_f(self, coords: np.ndarray, weights: np.ndarray) -> np.ndarray:
-        """F_mask of the ensemble's atoms (members with weight > 1 %) and the fixed atoms."""
-        members = np.asarray(coords, np.float64)[np.asarray(weights) > 0.01]
-        xyz = [members.reshape(-1, 3)]
-        elements = [np.tile(self._elements, len(members))]
+    def _mask_f(self, xyz: np.ndarray, elements: np.ndarray) -> tuple[np.ndarray, float]:
+        """F_mask of atoms ``xyz [A, 3]`` with ``elements [A]`` and the fixed atoms, and the solvent fraction."""
+        xyz, elements = [np.asarray(xyz, np.float64).reshape(-1, 3)], [np.asarray(elements).astype(str)]
         if self._env is not None and len(self._env):
             xyz.append(np.asarray(self._env.xyz, np.float64))
             elements.append(np.asarray(self._env.element).astype(str))
@@ -504,11 +504,18 @@ class XrayObservable:
         return _grid_transform(values, self.reflections.cell.volume, self.reflections.hkl), float(values.mean())
 
     def _fit_state(self, coords, weights) -> tuple[XrayState, dict]:
-        """Mask, scales and sigma_A fitted to ensemble ``coords`` at ``weights`` -> (state, what was fitted)."""
+        """Mask, scales and sigma_A fitted to ensemble ``coords`` at ``weights`` -> (state, what was fitted).  The
+        mask is made of the members with weight > 1 %."""
         coords = np.asarray(coords, np.float32)
         weights = np.asarray(weights, np.float32)
-        f_c = np.asarray(self._f_calc(coords, weights)).astype(np.complex128) + self.f_fixed
-        f_mask, solvent = self._mask_f(coords, weights)
+        members = np.asarray(coords, np.float64)[weights > 0.01]
+        return self._fit_to(np.asarray(self._f_calc(coords, weights)), members.reshape(-1, 3),
+                            np.tile(self._elements, len(members)))
+
+    def _fit_to(self, f_calc, mask_xyz, mask_elements) -> tuple[XrayState, dict]:
+        """Mask (of atoms ``mask_xyz`` and the fixed atoms), scales and sigma_A for the moving atoms' ``f_calc``."""
+        f_c = np.asarray(f_calc).astype(np.complex128) + self.f_fixed
+        f_mask, solvent = self._mask_f(mask_xyz, mask_elements)
         sc = self._scaler.fit(f_c, f_mask)
         f_model = self._scaler.model(f_c, f_mask, sc)
         fm = np.abs(f_model)
@@ -578,9 +585,16 @@ class XrayObservable:
         """R-work, R-free and the target for ``coords`` at ``weights`` after a full refit of mask, scales and sigma_A
         to them (as a crystallographer computes R for a model); ``state`` is left unchanged."""
         state, fit = self._fit_state(np.asarray(coords, np.float32), np.asarray(weights, np.float32))
-        fm = np.asarray(self._f_model_abs(state, self._f_calc(coords, weights)), np.float64)
+        return self._report(state, fit, self._f_calc(coords, weights))
+
+    def atoms(self, elements, b_iso) -> "XrayAtoms":
+        """The same likelihood for a flat list of atoms with their own occupancies and B (``XrayAtoms``)."""
+        return XrayAtoms(self, elements, b_iso)
+
+    def _report(self, state: XrayState, fit: dict, f_c) -> dict:
+        fm = np.asarray(self._f_model_abs(state, f_c), np.float64)
         fo, work = self.reflections.f_obs, self.work
-        value = float(self._ll(state, coords, weights))
+        value = float(self._target(state, f_c))
         free_ml = float(np.sum(np.where(~work, np.asarray(
             _ml_terms(jnp.asarray(fo, jnp.float32), jnp.asarray(fm, jnp.float32), state.ml_d, state.ml_var,
                       jnp.asarray(self.centric))), 0.0)))
@@ -600,3 +614,46 @@ class XrayObservable:
             "ml_free": free_ml, "free_rule": self.reflections.free_rule, "columns": self.reflections.columns,
             "log_likelihood": value, "bins": bins, "notes": self.notes,
         }
+
+
+class XrayAtoms:
+    """An ``XrayObservable``'s likelihood for a flat list of atoms, each with its own occupancy and B: what
+    restrained refinement moves (a multiconformer model's records: an atom listed under altlocs A and B is two atoms
+    here).  ``elements [A]``; ``b_iso [A]`` (A^2) sets the range the structure-factor model is built for (B may move
+    well beyond it: refinement widens it by 50 %, and atoms outside stay correct with some loss of accuracy).
+
+    ``log_likelihood(state, x [A, 3], q [A], b [A])`` is the observable's target (jitted, differentiable in all
+    three) at ``state`` (an ``XrayState``); ``fit(x, q, b)`` refits mask, scales and sigma_A to these atoms (the mask
+    from the atoms with q > 1 %, as the ensemble's from members with weight > 1 %) and returns the state;
+    ``report(x, q, b)`` is ``XrayObservable.report`` for them.  Fixed atoms (waters, ligands) are the observable's.
+    """
+
+    def __init__(self, obs: XrayObservable, elements, b_iso):
+        b = np.asarray(b_iso, np.float64).reshape(-1)
+        self.obs = obs
+        self.elements = np.asarray(elements).astype(str)
+        if len(b) != len(self.elements):
+            raise ValueError(f"b_iso has {len(b)} values for {len(self.elements)} atoms")
+        refl = obs.reflections
+        self.sf = StructureFactorModel(refl.cell, refl.space_group, refl.hkl, self.elements,
+                                       b_min=max(0.0, float(b.min()) - 5.0),
+                                       b_max=max(1.5 * float(b.max()), float(b.max()) + 30.0), rate=obs._rate)
+        sf, target = self.sf, obs._target
+        self._f_calc = jax.jit(lambda x, q, bb: sf(x, q, bb))
+        self.log_likelihood = jax.jit(lambda state, x, q, bb: target(state, sf(x, q, bb)))
+
+    def _args(self, x, q, b):
+        return (jnp.asarray(x, jnp.float32), jnp.asarray(q, jnp.float32), jnp.asarray(b, jnp.float32))
+
+    def _fit(self, x, q, b) -> tuple[XrayState, dict, jnp.ndarray]:
+        f_c = self._f_calc(*self._args(x, q, b))
+        keep = np.asarray(q) > 0.01
+        state, info = self.obs._fit_to(np.asarray(f_c), np.asarray(x, np.float64)[keep], self.elements[keep])
+        return state, info, f_c
+
+    def fit(self, x, q, b) -> XrayState:
+        return self._fit(x, q, b)[0]
+
+    def report(self, x, q, b) -> dict:
+        state, info, f_c = self._fit(x, q, b)
+        return self.obs._report(state, info, f_c)

@@ -169,13 +169,24 @@ def build_objective(cfg, layout, ref_coords, demo_data: dict[str, Path] | None =
 
 def build_potentials(cfg, predictor) -> list:
     """The prior-side potentials selected in ``cfg.potentials`` (e.g. ``potentials=[boltz]``), built for
-    ``predictor`` (guidance.app.potentials)."""
+    ``predictor`` (guidance.app.potentials).  With none selected, a run on a real structure (``structure`` set) gets
+    the geometry potential at its defaults (``geometry_potential=auto``; false turns that off): sampled members of
+    a real structure are judged by their covalent geometry (bond / angle RMSZ <= 2), the demo is not."""
     from guidance.app.potentials import build
     from guidance.objective import PotentialTerm
 
+    from guidance.app.potentials import BUILDERS
+
     out = []
-    for name in cfg.get("potentials") or {}:
-        params = container(cfg.potentials[name])
+    chosen = {name: container(cfg.potentials[name]) for name in cfg.get("potentials") or {}}
+    auto = cfg.get("geometry_potential", "auto")
+    if auto not in ("auto", False):
+        raise UserError(f"geometry_potential must be auto or false, got {auto!r}")
+    if not chosen and auto == "auto" and cfg.get("structure") is not None:
+        chosen = {"geometry": {"weight": 1.0, **BUILDERS["geometry"].options()}}
+        log.info("potential geometry added: a real structure samples with ideal geometry (geometry_potential=auto; "
+                 "potentials=[...] chooses others, geometry_potential=false none)")
+    for name, params in chosen.items():
         weight = float(params.pop("weight", 1.0))
         energy_and_grad, description = build(name, predictor, params)
         out.append(PotentialTerm(name, energy_and_grad, weight))
@@ -229,3 +240,14 @@ def guidance_of(gcfg):
     except (ValueError, TypeError) as exc:
         raise UserError(f"guidance: {exc}") from exc
     return dps, fk
+
+
+def refinement_data(objective, model):
+    """The observables of ``objective`` that a multiconformer ``model`` can be refined against (those with
+    ``atoms(elements, b_iso)``: the X-ray amplitudes), as one ``guidance.refine.DataSum``; None when there are none."""
+    from guidance.refine import DataSum
+
+    elements = np.asarray(model.layout.element)[model.atom]
+    parts = {t.name: (float(t.weight), t.observable.atoms(elements, model.b_factor)) for t in objective.terms
+             if callable(getattr(t.observable, "atoms", None))}
+    return DataSum(parts) if parts else None

@@ -110,6 +110,15 @@ def multiconformer_node() -> dict:
                                                 exclude=("segments", "fit", "b_factors"))}
 
 
+def refine_node() -> dict:
+    """``refine``: restrained refinement of multiconformer.pdb after sampling (``enabled``: auto = when an observable
+    can be refined against, i.e. has ``atoms()`` -- the X-ray amplitudes; true / false), then the options of
+    ``guidance.refine.Refine``."""
+    from guidance.refine import Refine
+
+    return {"enabled": "auto", **_fields(Refine)}
+
+
 def observable_node(name: str, factory: Callable) -> dict:
     """``observables.<name>``: ``weight`` (of the term in the total log-likelihood) and the factory's options."""
     return {name: {"weight": 1.0, **signature_defaults(factory, skip=1)}}
@@ -130,6 +139,7 @@ def register_configs() -> None:
         cs.store(group="guidance", name=name, node=node)
     cs.store(group="weights", name="default", node=weights_node())
     cs.store(group="multiconformer", name="default", node=multiconformer_node())
+    cs.store(group="refine", name="default", node=refine_node())
     for name in observables.available():
         cs.store(group="observables", name=name, node=observable_node(name, observables.factory(name)))
     for name, builder in predictor_registry.available().items():

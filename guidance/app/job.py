@@ -27,6 +27,7 @@ from guidance.app.build import (
     container,
     guidance_of,
     prepare_demo,
+    refinement_data,
     sampling_of,
     schedule_of,
     structure_atoms,
@@ -224,15 +225,58 @@ def sample(cfg, conf, demo_data, truth, out_dir: Path) -> dict:
                            metadata={"guidance": gcfg.method, "seed": int(cfg.seed)})
     mcfg = container(cfg.multiconformer)
     if mcfg.pop("write"):
-        metrics["multiconformer"] = outputs.write_multiconformer(
-            out_dir, predictor.layout, members, mweights, mcfg, b_factors=b_factors, crystal=conf.crystal,
-            fixed_from=conf.path)
+        metrics["multiconformer"] = _multiconformer(cfg, out_dir, objective, predictor.layout, members, mweights,
+                                                    mcfg, b_factors, conf)
     if cfg.output.particles:
         outputs.write_particles(out_dir, particles, pw)
     if cfg.output.plots:
         outputs.write_sample_plots(out_dir / "plots", result.trajectory, objective, members, uniform, mweights,
                                    fit is not None, metrics["observables"])
     return metrics
+
+
+def _multiconformer(cfg, out_dir: Path, objective, layout, members, weights, options: dict, b_factors, conf) -> dict:
+    """The ensemble as one multiconformer model, refined against the data (``refine``) where it can be, written as
+    multiconformer.pdb/.cif; returns metrics.json's ``multiconformer`` block: the model, its R values (the numbers
+    ``mode=score`` of the file gives back), the refinement's before / after / history and the validation."""
+    from guidance.refine import Refine, geometry_summary, record_geometry, refine
+    from guidance.structures.multiconf import ensemble_to_multiconf
+    from guidance.structures.validation import summary_line, validate_multiconf
+
+    model = ensemble_to_multiconf(layout, members, weights, b_factors=b_factors, **options)
+    rcfg = container(cfg.refine)
+    enabled = rcfg.pop("enabled")
+    if enabled not in ("auto", True, False):
+        raise UserError(f"refine.enabled must be auto, true or false, got {enabled!r}")
+    rcfg["weight_scan"] = tuple(int(k) for k in rcfg["weight_scan"])
+    try:
+        options_r = Refine(**rcfg)
+    except (TypeError, ValueError) as exc:
+        raise UserError(str(exc)) from None
+    data = refinement_data(objective, model)
+    if enabled is True and data is None:
+        raise UserError("refine.enabled=true, but no observable of this run can be refined against (the X-ray "
+                        "amplitudes can: observables=[xray]); use refine.enabled=auto or false")
+    block: dict = {}
+    if data is not None and enabled is not False and options_r.cycles > 0:
+        result = refine(model, data, options_r)
+        model = result.model
+        block["refinement"] = {"data_weight": result.data_weight, "weight_rule": result.weight_rule,
+                               "before": result.before, "after": result.after, "history": result.history,
+                               "seconds": round(result.seconds, 1), "options": rcfg}
+        log.info("refined multiconformer model in %.0f s: R-work %.4f -> %.4f, R-free %.4f -> %.4f, bond/angle RMSZ "
+                 "%.2f/%.2f -> %.2f/%.2f", result.seconds, result.before.get("r_work", float("nan")),
+                 result.after.get("r_work", float("nan")), result.before.get("r_free", float("nan")),
+                 result.after.get("r_free", float("nan")), result.before["bond_rmsz"], result.before["angle_rmsz"],
+                 result.after["bond_rmsz"], result.after["angle_rmsz"])
+    if data is not None:
+        report = data.report(model.coords, model.occupancy, model.b_factor)
+        block["observables"] = report["observables"]
+    block["geometry"] = geometry_summary(record_geometry(model), model.coords)
+    block["validation"] = validate_multiconf(model)
+    log.info("multiconformer model: %s", summary_line(block["validation"]["model"]))
+    written = outputs.write_multiconformer(out_dir, model, options, crystal=conf.crystal, fixed_from=conf.path)
+    return {**written, **block}
 
 
 def _steer(guide, x, steps, gen, out_dir: Path, method: str):

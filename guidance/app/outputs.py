@@ -7,7 +7,8 @@ write the same job directory):
     particles.npz     every FK particle and its weight (output.particles)                      (sample mode)
     multiconformer.pdb / .cif   the weighted ensemble as one model with altlocs A, B, ... (occupancies from the member
                       weights, members within ``multiconformer.threshold`` A of each other merged), per-atom B, the
-                      input's cell, space group, waters, ligands and ions                                 (sample mode)
+                      input's cell, space group, waters, ligands and ions; refined against X-ray amplitudes
+                      (``refine.*``: coordinates, B, occupancies) when the run has them            (sample mode)
     plots/*.png       log-likelihood and ESS vs step, member weights, and each observable's own plots (output.plots)
     run.log           the log; Hydra's saved config is in .hydra/
 
@@ -121,13 +122,11 @@ def write_ensemble(out_dir: Path, layout, members: np.ndarray, weights: np.ndarr
                               b_factors=b_factors, crystal=crystal)
 
 
-def write_multiconformer(out_dir: Path, layout, members: np.ndarray, weights: np.ndarray, options: dict, *,
-                         b_factors=None, crystal=None, fixed_from=None) -> dict:
-    """multiconformer.pdb and multiconformer.cif (guidance.structures.multiconf.ensemble_to_multiconf with
+def write_multiconformer(out_dir: Path, model, options: dict, *, crystal=None, fixed_from=None) -> dict:
+    """multiconformer.pdb and multiconformer.cif of ``model`` (a structures.multiconf.MulticonfModel, made with
     ``options``); returns what metrics.json says of them."""
-    from guidance.structures.multiconf import ensemble_to_multiconf, write_multiconf
+    from guidance.structures.multiconf import write_multiconf
 
-    model = ensemble_to_multiconf(layout, members, weights, b_factors=b_factors, **options)
     files = [write_multiconf(out_dir / f"multiconformer.{ext}", model, crystal=crystal, fixed_from=fixed_from)
              for ext in ("pdb", "cif")]
     per_residue = model.altlocs()

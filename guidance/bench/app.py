@@ -66,7 +66,7 @@ from guidance.app.outputs import write_json
 from guidance.bench.entries import Prepared, prepare_entry, synthetic_amplitudes, synthetic_map
 from guidance.bench.manifest import BenchError, Cell, _decode, cell_list, expand_grid, read_manifest
 from guidance.bench.report import collect, write_report
-from guidance.bench.scoring import bench_metrics, xray_metrics
+from guidance.bench.scoring import bench_metrics, multiconformer_metrics, xray_metrics
 from observables.errors import InputError
 
 log = logging.getLogger("ensemble_bench")
@@ -74,7 +74,7 @@ log = logging.getLogger("ensemble_bench")
 
 def _potential_overrides(potentials: str) -> list[str]:
     names = [p for p in potentials.split("+") if p and p != "none"]
-    return [f"potentials=[{','.join(names)}]"] if names else []
+    return [f"potentials=[{','.join(names)}]"] if names else ["geometry_potential=false"]  # none means none
 
 
 def run_overrides(cfg, cell: Cell, prep: Prepared, map_path: Path, resolution: float, job_dir: Path,
@@ -168,6 +168,7 @@ def run_job(cfg, cell: Cell, out_dir: Path) -> dict:
                                 run_metrics["reference"], recovery_threshold=float(cfg.recovery_threshold))
         t_x = time.perf_counter()
         metrics.update(xray_metrics(prep, members, np.asarray(ens.weights), amplitudes))
+        metrics.update(multiconformer_metrics(prep, job_dir, run_metrics, cell.occupancy, amplitudes))
         metrics["xray_metrics_s"] = time.perf_counter() - t_x
         metrics["sampling_s"] = sampling_s
         run_obs = run_metrics["observables"]

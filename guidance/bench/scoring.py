@@ -129,3 +129,47 @@ def xray_metrics(prep: Prepared, members: np.ndarray, weights: np.ndarray, ampli
     report = obs.report(x, np.asarray(weights, np.float32))
     return {k: report[k] for k in XRAY_KEYS}
 
+
+
+def multiconformer_metrics(prep: Prepared, job_dir: Path, run_metrics: dict, occupancy_b: float,
+                           amplitudes: Path | None) -> dict:
+    """What the job's multiconformer.cif says against the truth: ``mc_r_work`` / ``mc_r_free`` (the run's own report
+    of the refined model), ``true_r_free`` (the true A/B mixture at ``occupancy_b``) and ``start_r_free`` (state A
+    alone), all by the same scorer (``xray_metrics``); ``mc_occupancy_B``, the occupancy the model gives state B
+    over the region (per region residue, the summed occupancy of its altlocs nearer B than A, by RMSD over the
+    residue's atoms; mean over the region's residues) and ``mc_occupancy_error_B`` against ``occupancy_b``."""
+    from guidance.structures.multiconf import read_multiconf
+
+    path = job_dir / "multiconformer.cif"
+    out: dict = {"mc_r_work": None, "mc_r_free": None, "true_r_free": None, "start_r_free": None,
+                 "mc_occupancy_B": None, "mc_occupancy_error_B": None}
+    if not path.is_file():
+        return out
+    block = run_metrics.get("multiconformer", {})
+    xr = block.get("observables", {}).get("xray", {})
+    out["mc_r_work"], out["mc_r_free"] = xr.get("r_work"), xr.get("r_free")
+    if amplitudes is not None:
+        out["true_r_free"] = xray_metrics(prep, prep.states, np.array([1.0 - occupancy_b, occupancy_b]),
+                                          amplitudes)["r_free"]
+        out["start_r_free"] = xray_metrics(prep, prep.states[:1], np.ones(1), amplitudes)["r_free"]
+    model = read_multiconf(path)
+    index = {k: i for i, k in enumerate(prep.layout.keys())}
+    region_residues = sorted({(c, r) for (c, r, _), inside in zip(prep.layout.keys(), prep.region) if inside})
+    shares = []
+    for chain, res in region_residues:
+        try:
+            ids, x, occ, atoms = model.conformations(chain, res)
+        except KeyError:
+            continue
+        keys = [model.layout.keys()[i] for i in atoms]
+        mine = [j for j, k in enumerate(keys) if k in index]
+        if not mine:
+            continue
+        theirs = [index[keys[j]] for j in mine]
+        d_a = np.sqrt(((x[:, mine] - prep.states[0][theirs]) ** 2).sum(-1).mean(-1))
+        d_b = np.sqrt(((x[:, mine] - prep.states[1][theirs]) ** 2).sum(-1).mean(-1))
+        shares.append(float(np.sum(occ[d_b < d_a])))
+    if shares:
+        out["mc_occupancy_B"] = float(np.mean(shares))
+        out["mc_occupancy_error_B"] = abs(out["mc_occupancy_B"] - occupancy_b)
+    return out

@@ -30,15 +30,15 @@ ensemble -> multiconformer model (:func:`ensemble_to_multiconf`)
       covalent geometry (ring planarity, chirality) but two neighbouring medoids usually come from different
       members, so bonds *between* units break by up to the cluster spread.
     - **Occupancy** of an altloc = the sum of its members' weights (weights are normalised to sum 1).
-    - **Letters.**  Within a unit, altloc ids A, B, C, ... in order of decreasing occupancy (ties: the cluster
-      holding the lowest member index first).  As in qFit, letters are *not* linked across units: "A" of residue
-      10 and "A" of residue 11 need not hold the same members (each group records its members in
-      ``AltlocGroup.members``), and a reader that bonds A to A across the peptide link may join two different
-      substates.  Two remedies: ``by="segment"`` clusters a run of residues jointly, so its letters are shared;
-      ``letters="linked"`` keeps residues as units but gives each unit's clusters the letters of the preceding
-      bonded unit's clusters they share the most member weight with (Hungarian assignment; leftover clusters take
-      the lowest unused letters), so that letters follow the members along the chain -- then letters are no
-      longer ordered by occupancy.  A unit with one cluster is written without altloc (blank, occupancy 1).
+    - **Letters.**  By default (``letters="linked"``) letters follow the members along the chain: each unit's
+      clusters take the letters of the preceding bonded unit's clusters they share the most member weight with
+      (Hungarian assignment; leftover clusters take the lowest unused letters), so that a reader bonding A to A
+      across a peptide link joins positions of the same members; a unit after one without altlocs (or a chain
+      break) starts again with A = most occupied.  ``letters="occupancy"`` is qFit's convention: per unit, A, B,
+      C, ... in order of decreasing occupancy (ties: the cluster holding the lowest member index first), letters
+      *not* linked across units (each group records its members in ``AltlocGroup.members``).  ``by="segment"``
+      clusters a run of residues jointly, so its letters are shared either way.  A unit with one cluster is
+      written without altloc (blank, occupancy 1).
     - **Backbone-linked neighbours.**  When a unit with altlocs is bonded to a neighbouring residue that has none
       (a peptide link C(i)-N(i+1), or any inter-residue bond found by distance), the neighbour's atoms that move
       with the unit's altlocs -- the bonded atom, then its bonded atoms in turn, within that neighbour residue --
@@ -409,7 +409,7 @@ def ensemble_to_multiconf(
     center: str = "mean",
     min_occupancy: float = 0.0,
     link_tolerance: float | None = 0.1,
-    letters: str = "occupancy",
+    letters: str = "linked",
     b_factors=None,
 ) -> MulticonfModel:
     """Cluster an ensemble ``coords`` [E, N, 3] with ``weights`` [E] into a multiconformer model.
@@ -420,8 +420,8 @@ def ensemble_to_multiconf(
     residues that split on their own).  ``fit``: atoms (mask or indices) to superpose members on first.
     ``center``: "mean" or "medoid".  ``min_occupancy``: dissolve lighter altlocs.  ``link_tolerance`` (A, None
     to disable): when a unit's altlocs move a bonded neighbour's atoms by more than this, those atoms carry the
-    altlocs too.  ``letters``: "occupancy" (A = most occupied, per unit) or "linked" (letters follow the members
-    from one residue to the next).  ``b_factors`` [N]: written for every record (default 20 A^2).  See the module
+    altlocs too.  ``letters``: "linked" (the default: letters follow the members from one residue to the next) or
+    "occupancy" (A = most occupied, per unit).  ``b_factors`` [N]: written for every record (default 20 A^2).  See the module
     docstring for the conventions.  Returns the model; :meth:`MulticonfModel.to_gemmi` gives a
     ``gemmi.Structure`` and :func:`write_multiconf` a file.
     """
