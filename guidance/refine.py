@@ -241,7 +241,7 @@ def record_geometry(model: MulticonfModel) -> RecordGeometry:
         chiral_ideal = np.sign(np.where(signed == 0, 1.0, signed)) * np.array(volumes)[c_src]
     else:
         chiral_ideal = np.zeros(0)
-    width = max((len(p) for p in planes), default=0)
+    width = max((len(p) for p in planes), default=1)
     padded = np.array([p + [p[0]] * (width - len(p)) for p in planes], np.int64).reshape(-1, width)
     plane_recs, p_src = _expand(model, padded)
     # padding repeated the first atom; a repeated record would tilt the plane fit, so each row keeps its distinct

@@ -180,7 +180,8 @@ def test_density_and_xray_guided_jobs_both_report_r_free(tmp_path, peptides):
     ensemble; the report has the R-free column; a second run skips both jobs."""
     manifest = write_manifest(tmp_path / "m.csv", [f"awa,{peptides / 'AWA_2conf.pdb'},,1.5,A:2"])
     out = tmp_path / "out"
-    args = [f"manifest={manifest}", f"out_dir={out}", *FAST, "grid.guidance=[fk]", "grid.observables=[density,xray]"]
+    args = [f"manifest={manifest}", f"out_dir={out}", *FAST, "grid.guidance=[fk]", "grid.observables=[density,xray]",
+            "run=['sampler.steps=8','refine.cycles=2','refine.weight_scan=[-4,-2]']"]
     proc = bench(*args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {r["observables"]: r for r in csv.DictReader((out / "results.csv").open())}

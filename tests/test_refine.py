@@ -185,3 +185,12 @@ def test_per_atom_target_of_a_multiconformer_file_equals_score_mode_of_its_confo
     assert mine["r_work"] == pytest.approx(score["r_work"], abs=2e-5)
     assert mine["r_free"] == pytest.approx(score["r_free"], abs=2e-5)
     assert score["r_free"] == pytest.approx(0.1379, abs=5e-4)
+
+
+def test_a_model_without_restraint_groups_still_gets_its_geometry_report(shared_data):
+    """TRS (a Tris ligand: no template, so no bonds, planes or chiral centres) used to fail a whole bench job."""
+    model = read_multiconf(shared_data("structures/multiconf-peptides/TRS_multiconf.pdb"))
+    geo = record_geometry(model)
+    assert geo.planes.shape[0] == 0 and len(geo.chirals) == 0
+    summary = geometry_summary(geo, model.coords)
+    assert summary["plane_rmsz"] is None and summary["nonbonded_overlaps"] == 0
