@@ -339,6 +339,7 @@ def test_score_mode_reports_r_values_and_guided_runs_use_the_amplitudes(shared_d
         proc = run_app(f"structure={pdb}", "observables=[xray]", f"observables.xray.data={mtz}", f"guidance={method}",
                        "sampler.steps=12", "ensemble_size=2", "guidance.particles=2", "weights.steps=20",
                        "observables.xray.refit_every=4", "observables.xray.refit_below_sigma=1e9",
+                       "refine.enabled=false",  # the sampling is what is checked here (refinement: test_refine, bench)
                        f"hydra.run.dir={d}")
         assert proc.returncode == 0, proc.stderr[-3000:]
         metrics = json.loads((d / "metrics.json").read_text())
