@@ -235,6 +235,7 @@ def ci_bench(tmp_path_factory):
     return out, time.perf_counter() - t0
 
 
+@pytest.mark.slow  # the 20-job CI bench, about 210 s: python -m pytest -q -m slow
 def test_ci_bench_writes_results_report_and_plots(ci_bench):
     out, wall = ci_bench
     rows = list(csv.DictReader((out / "results.csv").open()))
@@ -263,6 +264,7 @@ def test_ci_bench_writes_results_report_and_plots(ci_bench):
     print(f"CI bench: 20 jobs in {wall:.0f} s")
 
 
+@pytest.mark.slow  # the 20-job CI bench, about 210 s: python -m pytest -q -m slow
 def test_fk_guidance_fits_the_map_better_than_no_guidance_in_every_entry(ci_bench):
     out, _ = ci_bench
     rows = list(csv.DictReader((out / "results.csv").open()))
@@ -271,6 +273,7 @@ def test_fk_guidance_fits_the_map_better_than_no_guidance_in_every_entry(ci_benc
         assert by[(entry, "fk")] > by[(entry, "none")], entry
 
 
+@pytest.mark.slow  # the 20-job CI bench, about 210 s: python -m pytest -q -m slow
 def test_fk_recovers_b_in_more_entries_than_no_guidance(ci_bench):
     """The issue's acceptance point: from a prior built on altloc A alone, FK guidance by the map of the A/B mixture
     brings some member within 1.0 A of B in more entries than unguided sampling, and the report says so."""
