@@ -153,29 +153,15 @@ class RecordGeometry:
     b_pairs: np.ndarray  # [K, 2] record pairs of the bonded-B restraint
 
 
-def _picker(model: MulticonfModel) -> Callable[[int, str], int]:
-    def pick(atom: int, letter: str) -> int:
-        recs = list(model.records(atom))
-        for r in recs:
-            if model.altloc[r] == letter:
-                return r
-        for r in recs:
-            if model.altloc[r] == "":
-                return r
-        return max(recs, key=lambda r: (model.occupancy[r], -r))
-    return pick
-
-
 def _expand(model: MulticonfModel, tuples) -> tuple[np.ndarray, np.ndarray]:
     """Record tuples [T, k] for layout-atom tuples [n, k] -> (records, index of the layout tuple of each)."""
-    pick = _picker(model)
     letters_of = [sorted({a for a in model.altloc[list(model.records(i))] if a}) for i in range(len(model.layout))]
-    out, src = {}, []
+    out = {}
     tuples = np.asarray(tuples, np.int64)
     for t, atoms in enumerate(tuples.tolist()):
         letters = sorted({lt for a in atoms for lt in letters_of[a]}) or [""]
         for lt in letters:
-            recs = tuple(pick(a, lt) for a in atoms)
+            recs = tuple(model.record_for(a, lt) for a in atoms)
             if recs not in out:
                 out[recs] = t
     recs = np.array(list(out), np.int64).reshape(-1, np.shape(tuples)[1])

@@ -61,8 +61,8 @@ from observables.form_factors import normalise_element
 from observables.reflections import ReflectionError, Reflections, read_reflections
 from observables.sfcalc import StructureFactorModel, b_range, displacements, miller_stol2, symmetry_ops
 
-__all__ = ["MASK_PROBE", "MASK_SHRINK", "XrayAtoms", "XrayObservable", "XrayState", "atoms_structure", "bulk_solvent_mask",
-           "r_factor"]
+__all__ = ["MASK_PROBE", "MASK_SHRINK", "XrayAtoms", "XrayObservable", "XrayState", "atoms_structure",
+           "bulk_solvent_mask", "r_factor"]
 
 log = logging.getLogger(__name__)
 

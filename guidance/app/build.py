@@ -172,10 +172,8 @@ def build_potentials(cfg, predictor) -> list:
     ``predictor`` (guidance.app.potentials).  With none selected, a run on a real structure (``structure`` set) gets
     the geometry potential at its defaults (``geometry_potential=auto``; false turns that off): sampled members of
     a real structure are judged by their covalent geometry (bond / angle RMSZ <= 2), the demo is not."""
-    from guidance.app.potentials import build
+    from guidance.app.potentials import BUILDERS, build
     from guidance.objective import PotentialTerm
-
-    from guidance.app.potentials import BUILDERS
 
     out = []
     chosen = {name: container(cfg.potentials[name]) for name in cfg.get("potentials") or {}}

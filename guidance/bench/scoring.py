@@ -130,7 +130,6 @@ def xray_metrics(prep: Prepared, members: np.ndarray, weights: np.ndarray, ampli
     return {k: report[k] for k in XRAY_KEYS}
 
 
-
 def multiconformer_metrics(prep: Prepared, job_dir: Path, run_metrics: dict, occupancy_b: float,
                            amplitudes: Path | None) -> dict:
     """What the job's multiconformer.cif says against the truth: ``mc_r_work`` / ``mc_r_free`` (the run's own report
@@ -155,13 +154,14 @@ def multiconformer_metrics(prep: Prepared, job_dir: Path, run_metrics: dict, occ
     model = read_multiconf(path)
     index = {k: i for i, k in enumerate(prep.layout.keys())}
     region_residues = sorted({(c, r) for (c, r, _), inside in zip(prep.layout.keys(), prep.region) if inside})
+    model_keys = model.layout.keys()
     shares = []
     for chain, res in region_residues:
         try:
             ids, x, occ, atoms = model.conformations(chain, res)
         except KeyError:
             continue
-        keys = [model.layout.keys()[i] for i in atoms]
+        keys = [model_keys[i] for i in atoms]
         mine = [j for j, k in enumerate(keys) if k in index]
         if not mine:
             continue

@@ -182,6 +182,16 @@ class MulticonfModel:
         """Record indices of layout atom ``i``."""
         return range(self._starts[i], self._starts[i + 1])
 
+    def record_for(self, i: int, altloc: str) -> int:
+        """The record layout atom ``i`` has in conformation ``altloc``: its own, else its blank one, else its most
+        occupied one (the first of equal occupancies) -- the rule of ``read_structure``."""
+        recs = self.records(i)
+        for wanted in (altloc, ""):
+            for r in recs:
+                if self.altloc[r] == wanted:
+                    return r
+        return max(recs, key=lambda q: (self.occupancy[q], -q))
+
     def altlocs(self) -> dict[ResidueKey, dict[str, float]]:
         """Per residue: altloc id -> occupancy (mean over the residue's atoms listed under it), in letter order.
 
@@ -211,12 +221,8 @@ class MulticonfModel:
         ids = list(occ) or [""]
         x = np.empty((len(ids), len(idx), 3))
         for j, i in enumerate(idx):
-            recs = {self.altloc[r]: r for r in self.records(i)}
             for k, a in enumerate(ids):
-                r = recs.get(a, recs.get(""))
-                if r is None:  # the most occupied; first of equal occupancies (letter order) wins
-                    r = max(recs.values(), key=lambda q: (self.occupancy[q], -q))
-                x[k, j] = self.coords[r]
+                x[k, j] = self.coords[self.record_for(i, a)]
         q = np.array([occ[a] for a in ids]) if occ else np.ones(1)
         return ids, x, _normalised(q), idx
 
